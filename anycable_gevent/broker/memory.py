@@ -1,0 +1,240 @@
+"""In-process broker: per-stream history ring, offsets, epoch, session snapshots.
+
+One worker only (each process would have its own epoch and offsets; the config
+refuses ``--broker=memory`` with several workers). No method yields, so no locks are
+needed under gevent. Expiry is driven by :meth:`sweep`, called once a second by one
+background greenlet; the clock is injectable for tests.
+
+Offsets are never reused within an epoch: an idle stream's counter outlives its
+messages by ``10 × history_ttl`` (as in anycable-go); when it is finally dropped, its
+last offset is folded into a small table of per-bucket floors, and a stream created
+again in that bucket continues above the floor instead of restarting at 1.
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import gevent
+
+from anycable_gevent.broker.base import Broker
+from anycable_gevent.errors import HistoryError
+from anycable_gevent.protocol import StreamMessage
+
+_EPOCH_ALPHABET = "_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_FLOOR_BUCKETS = 4096
+#: An idle stream's counter is kept this many history TTLs after its last message.
+STREAM_LIFETIME_TTLS = 10
+
+
+def new_epoch() -> str:
+    return "".join(secrets.choice(_EPOCH_ALPHABET) for _ in range(4))
+
+
+class _Stream:
+    __slots__ = ("offset", "entries", "deadline", "scheduled")
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.entries: deque[StreamMessage] = deque()
+        self.deadline = 0.0
+        self.scheduled = False
+
+
+class _Session:
+    __slots__ = ("snapshot", "deadline")
+
+    def __init__(self, snapshot: bytes, deadline: float) -> None:
+        self.snapshot = snapshot
+        self.deadline = deadline
+
+
+class MemoryBroker(Broker):
+    def __init__(
+        self,
+        history_limit: int = 100,
+        history_ttl: int = 300,
+        sessions_ttl: int = 300,
+        epoch: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.history_limit = history_limit
+        self.history_ttl = history_ttl
+        self.sessions_ttl = sessions_ttl
+        self.supports_sessions = sessions_ttl > 0
+        self.epoch = epoch or new_epoch()
+        self.clock = clock
+        self._streams: dict[str, _Stream] = {}
+        self._floors = [0] * _FLOOR_BUCKETS
+        # (when, stream): the next time a stream needs a look (expiry or disposal)
+        self._stream_timers: list[tuple[float, str]] = []
+        self._sessions: dict[str, _Session] = {}
+        self._session_timers: list[tuple[float, str]] = []
+        self._sweeper: gevent.Greenlet | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = gevent.spawn(self._sweep_loop)
+
+    def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+            self._sweeper = None
+
+    def announce(self) -> str:
+        return (
+            f"broker: memory (epoch: {self.epoch}, history limit: {self.history_limit}, "
+            f"history ttl: {self.history_ttl}s, sessions ttl: {self.sessions_ttl}s)"
+        )
+
+    def _sweep_loop(self) -> None:
+        while True:
+            gevent.sleep(1.0)
+            try:
+                self.sweep()
+            except Exception:  # pragma: no cover - never let the sweeper die
+                import logging
+
+                logging.getLogger(__name__).exception("broker sweep failed")
+
+    # ------------------------------------------------------------------ streams
+    def register(self, msg: StreamMessage) -> None:
+        if msg.transient:
+            return
+        now = self.clock()
+        name = msg.stream
+        stream = self._streams.get(name)
+        if stream is None:
+            stream = self._streams[name] = _Stream(self._floors[self._bucket(name)])
+        stream.offset += 1
+        msg.offset = stream.offset
+        msg.epoch = self.epoch
+        msg.ts = int(now)
+        stream.deadline = now + STREAM_LIFETIME_TTLS * self.history_ttl
+        if self.history_limit > 0:
+            entries = stream.entries
+            entries.append(msg)
+            if len(entries) > self.history_limit:
+                entries.popleft()
+        if not stream.scheduled:
+            stream.scheduled = True
+            heapq.heappush(self._stream_timers, (now + self.history_ttl, name))
+
+    @staticmethod
+    def _bucket(name: str) -> int:
+        return zlib.crc32(name.encode()) % _FLOOR_BUCKETS
+
+    def history_from(self, stream: str, epoch: str, offset: int) -> list[StreamMessage]:
+        if epoch != self.epoch:
+            raise HistoryError(f"unknown epoch {epoch!r}")
+        s = self._streams.get(stream)
+        if s is None:
+            raise HistoryError("stream not found")
+        if offset > s.offset:
+            raise HistoryError("offset not found (ahead of the stream)")
+        if offset == s.offset:
+            return []
+        entries = s.entries
+        if not entries:
+            raise HistoryError("stream history has expired")
+        low = entries[0].offset
+        # Relaxed rule (DESIGN.md): reject only when a message after `offset` is gone.
+        if offset + 1 < low:
+            raise HistoryError("offset not found (messages after it have expired)")
+        return [m for m in entries if m.offset > offset]
+
+    def history_since(self, stream: str, since: int) -> list[StreamMessage]:
+        s = self._streams.get(stream)
+        if s is None:
+            return []
+        return [m for m in s.entries if m.ts >= since]
+
+    def head(self, stream: str) -> int:
+        s = self._streams.get(stream)
+        return s.offset if s is not None else 0
+
+    # ------------------------------------------------------------------ sessions
+    def commit_session(self, sid: str, snapshot: bytes) -> None:
+        if not self.supports_sessions:
+            return
+        deadline = self.clock() + self.sessions_ttl
+        entry = self._sessions.get(sid)
+        if entry is None:
+            self._sessions[sid] = _Session(snapshot, deadline)
+            heapq.heappush(self._session_timers, (deadline, sid))
+        else:
+            # one timer per sid: the sweeper re-queues it while the deadline moves on
+            entry.snapshot = snapshot
+            entry.deadline = deadline
+
+    def take_session(self, sid: str) -> bytes | None:
+        entry = self._sessions.pop(sid, None)
+        if entry is None:
+            return None
+        if entry.deadline < self.clock():
+            return None
+        return entry.snapshot
+
+    def touch_sessions(self, sids: Iterable[str]) -> None:
+        if not self.supports_sessions:
+            return
+        deadline = self.clock() + self.sessions_ttl
+        sessions = self._sessions
+        for sid in sids:
+            entry = sessions.get(sid)
+            if entry is not None:
+                entry.deadline = deadline
+
+    # ------------------------------------------------------------------ expiry
+    def sweep(self) -> None:
+        """Expire old messages, idle streams and stale sessions (called every second)."""
+        now = self.clock()
+        self._sweep_streams(now)
+        self._sweep_sessions(now)
+
+    def _sweep_streams(self, now: float) -> None:
+        timers = self._stream_timers
+        cutoff = now - self.history_ttl
+        while timers and timers[0][0] <= now:
+            _, name = heapq.heappop(timers)
+            s = self._streams.get(name)
+            if s is None:
+                continue
+            entries = s.entries
+            while entries and entries[0].ts < cutoff:
+                entries.popleft()
+            if entries:
+                heapq.heappush(timers, (entries[0].ts + self.history_ttl + 1, name))
+            elif s.deadline <= now:
+                del self._streams[name]
+                bucket = self._bucket(name)
+                if s.offset > self._floors[bucket]:
+                    self._floors[bucket] = s.offset
+            else:
+                heapq.heappush(timers, (s.deadline, name))
+
+    def _sweep_sessions(self, now: float) -> None:
+        timers = self._session_timers
+        sessions = self._sessions
+        while timers and timers[0][0] <= now:
+            _, sid = heapq.heappop(timers)
+            entry = sessions.get(sid)
+            if entry is None:
+                continue
+            if entry.deadline <= now:
+                del sessions[sid]
+            else:
+                heapq.heappush(timers, (entry.deadline, sid))
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "streams": len(self._streams),
+            "messages": sum(len(s.entries) for s in self._streams.values()),
+            "sessions": len(self._sessions),
+        }

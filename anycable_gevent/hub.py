@@ -1,0 +1,253 @@
+"""Hub: the stream → subscribers index and the fan-out of broadcasts.
+
+A *group* is every subscriber of one stream through one channel identifier; each
+broadcast's frame (WebSocket header + JSON) is built once per group and the same bytes
+are handed to every member's writer. Per recipient the fan-out does one comparison and
+one call.
+
+Exactly once, in order (DESIGN.md): each :class:`StreamSub` (one session, identifier
+and stream) remembers the highest offset it was sent (``pos``) and where its contiguous
+run of delivered offsets starts (``lo``). Live delivery skips anything at or below
+``pos``; a history reply skips what the run already covers. While a history reply is
+being prepared, or right after a restore, the subscription is *held*: live messages are
+buffered and merged in offset order when it is released.
+
+Concurrency contract: the index is only mutated from greenlets between yields; no
+method here yields. Broadcasts are processed in arrival order by one fan-out greenlet
+(per-stream order follows), which snapshots a group's members before writing to them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Protocol
+
+import gevent
+from gevent.queue import Queue
+
+from anycable_gevent import protocol
+from anycable_gevent.protocol import StreamMessage, ws_frame
+
+log = logging.getLogger(__name__)
+
+
+class HubSession(Protocol):
+    """What the hub needs from a connection."""
+
+    sid: str
+
+    def write(self, frame: bytes) -> None:
+        """Queue or send a complete frame; never blocks, never mutates the hub."""
+
+
+class StreamSub:
+    """One (session, identifier, stream) membership."""
+
+    __slots__ = ("session", "write", "group", "pos", "lo", "held")
+
+    def __init__(self, session: HubSession, group: Group) -> None:
+        self.session = session
+        self.write = session.write
+        self.group = group
+        #: Highest offset delivered (0 = none yet).
+        self.pos = 0
+        #: First offset of the contiguous delivered run ending at ``pos`` (0 = unknown).
+        self.lo = 0
+        #: Buffered ``(offset, frame)`` while held, else None.
+        self.held: list[tuple[int, bytes]] | None = None
+
+    @property
+    def stream(self) -> str:
+        return self.group.stream
+
+    @property
+    def identifier(self) -> str:
+        return self.group.identifier
+
+
+class Group:
+    __slots__ = ("stream", "identifier", "prefix", "members", "fresh", "held", "epoch", "last")
+
+    def __init__(self, stream: str, identifier: str) -> None:
+        self.stream = stream
+        self.identifier = identifier
+        self.prefix = protocol.frame_prefix(identifier)
+        self.members: dict[StreamSub, None] = {}
+        #: Live members that have not been sent a registered message yet (``lo`` unknown).
+        self.fresh: dict[StreamSub, None] = {}
+        self.held: dict[StreamSub, None] = {}
+        self.epoch = ""
+        #: Offset of the last registered message that passed through this group.
+        self.last = 0
+
+    def __len__(self) -> int:
+        return len(self.members) + len(self.held)
+
+
+class Hub:
+    def __init__(self, inbox_size: int = 4096) -> None:
+        self.streams: dict[str, dict[str, Group]] = {}
+        self.inbox: Queue[StreamMessage] = Queue(maxsize=inbox_size)
+        self._loop: gevent.Greenlet | None = None
+        #: Counters read by metrics.
+        self.broadcasts = 0
+        self.frames_sent = 0
+        self.bytes_sent = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = gevent.spawn(self._run)
+
+    def shutdown(self) -> None:
+        if self._loop is not None:
+            self._loop.kill(block=False)
+            self._loop = None
+
+    def _run(self) -> None:
+        get = self.inbox.get
+        while True:
+            msg = get()
+            try:
+                self.broadcast(msg)
+            except Exception:
+                log.exception("broadcast to stream failed stream=%s", msg.stream)
+            gevent.sleep(0)
+
+    def enqueue(self, msg: StreamMessage) -> None:
+        """Hand a message to the fan-out greenlet (blocks only when the inbox is full)."""
+        self.inbox.put(msg)
+
+    # ------------------------------------------------------------------ index
+    def join(self, session: HubSession, identifier: str, stream: str, held: bool = False) -> StreamSub:
+        by_id = self.streams.get(stream)
+        if by_id is None:
+            by_id = self.streams[stream] = {}
+        group = by_id.get(identifier)
+        if group is None:
+            group = by_id[identifier] = Group(stream, identifier)
+        sub = StreamSub(session, group)
+        if held:
+            sub.held = []
+            group.held[sub] = None
+        else:
+            group.members[sub] = None
+            group.fresh[sub] = None
+        return sub
+
+    def leave(self, sub: StreamSub) -> None:
+        group = sub.group
+        group.members.pop(sub, None)
+        group.held.pop(sub, None)
+        group.fresh.pop(sub, None)
+        sub.held = None
+        if not group.members and not group.held:
+            by_id = self.streams.get(group.stream)
+            if by_id is not None and by_id.get(group.identifier) is group:
+                del by_id[group.identifier]
+                if not by_id:
+                    del self.streams[group.stream]
+
+    def hold(self, sub: StreamSub) -> None:
+        """Buffer live messages for ``sub`` until :meth:`release`."""
+        if sub.held is not None:
+            return
+        group = sub.group
+        if sub not in group.members:
+            return  # not a member any more (left)
+        del group.members[sub]
+        group.fresh.pop(sub, None)
+        sub.held = []
+        group.held[sub] = None
+
+    def release(self, sub: StreamSub, until: int | None = None) -> None:
+        """Stop holding: flush buffered messages after ``until`` in order, then go live.
+
+        Args:
+            until: the highest offset the client already has (from a history reply);
+                buffered messages at or below it are dropped. ``None`` flushes all.
+        """
+        buf = sub.held
+        if buf is None:
+            return
+        group = sub.group
+        sub.held = None
+        if sub not in group.held:
+            return
+        del group.held[sub]
+        if until is not None and until > sub.pos:
+            sub.pos = until
+        write = sub.write
+        for off, frame in buf:
+            if off == 0:
+                write(frame)
+            elif off > sub.pos:
+                if sub.lo == 0:
+                    sub.lo = off
+                sub.pos = off
+                write(frame)
+        group.members[sub] = None
+        if sub.lo == 0:
+            group.fresh[sub] = None
+
+    def subscribers(self, stream: str) -> Iterator[StreamSub]:
+        for group in self.streams.get(stream, {}).values():
+            yield from group.members
+            yield from group.held
+
+    @property
+    def streams_count(self) -> int:
+        return len(self.streams)
+
+    # ------------------------------------------------------------------ fan-out
+    def broadcast(self, msg: StreamMessage) -> None:
+        """Deliver one message to every subscriber of its stream (never yields)."""
+        by_id = self.streams.get(msg.stream)
+        self.broadcasts += 1
+        if not by_id:
+            return
+        tail = msg.tail()
+        off = msg.offset
+        exclude = msg.exclude_socket
+        sent = 0
+        nbytes = 0
+        for group in tuple(by_id.values()):
+            prefix = protocol.frame_prefix(group.identifier, msg.broadcast_type) if msg.broadcast_type else group.prefix
+            frame = ws_frame(prefix + tail)
+            n = 0
+            if off:
+                if group.epoch != msg.epoch:
+                    self._new_epoch(group, msg.epoch)
+                group.last = off
+                if group.fresh:
+                    for sub in group.fresh:
+                        sub.lo = off
+                    group.fresh.clear()
+                for sub in tuple(group.members):
+                    if off > sub.pos and (not exclude or sub.session.sid != exclude):
+                        sub.pos = off
+                        sub.write(frame)
+                        n += 1
+                for sub in tuple(group.held):
+                    if sub.held is not None and (not exclude or sub.session.sid != exclude):
+                        sub.held.append((off, frame))
+            else:
+                for sub in (*group.members, *group.held):
+                    if not exclude or sub.session.sid != exclude:
+                        sub.write(frame)
+                        n += 1
+            sent += n
+            nbytes += n * len(frame)
+        self.frames_sent += sent
+        self.bytes_sent += nbytes
+
+    @staticmethod
+    def _new_epoch(group: Group, epoch: str) -> None:
+        if group.epoch:
+            # the broker started a new epoch: old positions mean nothing any more
+            for sub in (*group.members, *group.held):
+                sub.pos = 0
+                sub.lo = 0
+        group.epoch = epoch
+        group.last = 0

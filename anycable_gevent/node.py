@@ -1,0 +1,492 @@
+"""The node: what happens on connect, on each command, on disconnect and on broadcast.
+
+It knows the other parts only through their interfaces (controller, broker, pub/sub,
+hub). Connection-scoped methods run in that connection's greenlet, one at a time, so a
+connection's commands and replies keep their order (SPEC §2.4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+
+from anycable_gevent import protocol
+from anycable_gevent.broker.base import Broker
+from anycable_gevent.config import Config
+from anycable_gevent.controllers.base import (
+    CommandResult,
+    Connection,
+    Controller,
+    Status,
+)
+from anycable_gevent.disconnector import DisconnectQueue
+from anycable_gevent.errors import HistoryError, ProtocolError
+from anycable_gevent.hub import Hub, StreamSub
+from anycable_gevent.metrics import Metrics
+from anycable_gevent.pinger import Pinger
+from anycable_gevent.protocol import Command, HistoryRequest, RemoteCommand, StreamMessage
+from anycable_gevent.pubsub import PubSub
+from anycable_gevent.session import Session, Subscription
+
+log = logging.getLogger(__name__)
+
+
+def new_sid() -> str:
+    """A session id: 144 random bits, URL-safe (never taken from the request)."""
+    return secrets.token_urlsafe(18)
+
+
+def _merge(state: dict[str, str], changes: dict[str, str] | None) -> bool:
+    """Apply state changes (an empty string deletes the key). True when something changed."""
+    if not changes:
+        return False
+    for key, value in changes.items():
+        if value == "":
+            state.pop(key, None)
+        else:
+            state[key] = value
+    return True
+
+
+class Node:
+    def __init__(
+        self,
+        cfg: Config,
+        controller: Controller,
+        broker: Broker,
+        hub: Hub,
+        metrics: Metrics,
+        pubsub_factory: Callable[[Node], PubSub],
+    ) -> None:
+        self.cfg = cfg
+        self.controller = controller
+        self.broker = broker
+        self.hub = hub
+        self.metrics = metrics
+        self.pubsub = pubsub_factory(self)
+        self.sessions: dict[Session, None] = {}
+        self.by_identifiers: dict[str, dict[Session, None]] = {}
+        self.pinger = Pinger(
+            cfg.ping_interval,
+            cfg.ping_timestamp_precision,
+            cfg.pong_timeout,
+            cfg.enable_native_pings,
+            self._no_pong,
+        )
+        self.disconnector = DisconnectQueue(controller, cfg.disconnect_rate, cfg.disconnect_backlog_size)
+        self.resumable = broker.supports_sessions and cfg.sessions_ttl > 0
+        self.shutting_down = False
+        self._toucher: gevent.Greenlet | None = None
+        metrics.gauge("clients_num", lambda: len(self.sessions))
+        metrics.gauge("clients_uniq_num", lambda: len(self.by_identifiers))
+        metrics.gauge("broadcast_streams_num", lambda: hub.streams_count)
+        metrics.gauge("disconnect_queue_size", lambda: self.disconnector.size)
+        metrics.external(
+            lambda: {
+                "server_msg_total": hub.frames_sent,
+                "data_sent_total": hub.bytes_sent,
+            }
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.broker.start()
+        self.controller.start()
+        self.hub.start()
+        self.pubsub.start()
+        self.disconnector.start()
+        if self.resumable:
+            self._toucher = gevent.spawn(self._touch_loop)
+
+    def _touch_loop(self) -> None:
+        period = max(self.cfg.sessions_ttl / 2.0, 0.5)
+        while True:
+            gevent.sleep(period)
+            try:
+                self.broker.touch_sessions([s.sid for s in self.sessions if s.ext and s.authenticated])
+            except Exception:
+                log.exception("session keepalive failed")
+
+    def shutdown(self, deadline: float) -> None:
+        """Disconnect every client (server_restart), flush Disconnect calls, stop parts."""
+        self.shutting_down = True
+        for session in tuple(self.sessions):
+            session.close(
+                protocol.CLOSE_GOING_AWAY,
+                "Server restart",
+                protocol.disconnect(protocol.SERVER_RESTART, True),
+            )
+        while self.sessions and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        self.disconnector.drain(deadline)
+        self.pinger.shutdown()
+        if self._toucher is not None:
+            self._toucher.kill(block=False)
+        self.controller.shutdown(max(deadline - time.monotonic(), 0.0))
+        self.broker.shutdown()
+        self.hub.shutdown()
+        self.pubsub.shutdown()
+
+    # ------------------------------------------------------------------ connections
+    def connection(self, session: Session, identifier: str | None = None) -> Connection:
+        env = session.env
+        if identifier is not None:
+            sub = session.subscriptions.get(identifier)
+            env.istate = dict(sub.istate) if sub is not None else {}
+        else:
+            env.istate = None
+        return Connection(session.sid, env, session.identifiers)
+
+    def open(self, session: Session) -> bool:
+        """Authenticate a new connection (restore first). False = it was closed."""
+        self.sessions[session] = None
+        interval: float | None = None
+        pi = session.query.get("pi")
+        if pi is not None:
+            try:
+                interval = float(int(pi))
+            except ValueError:
+                log.warning("ignoring invalid ping interval pi=%r", pi)
+        ptp = session.query.get("ptp")
+        self.pinger.add(session, interval, ptp if ptp in ("s", "ms", "ns") else None)
+        if session.ext and self.resumable:
+            old = session.env.headers.get("x-anycable-restore-sid") or session.query.get("sid") or ""
+            if old and self._restore(session, old):
+                return True
+        return self._authenticate(session)
+
+    def _authenticate(self, session: Session) -> bool:
+        result = self.controller.connect(self.connection(session))
+        if session.closed:
+            self.metrics.inc("rpc_canceled_total")
+            return False
+        if result.status == Status.SUCCESS:
+            session.identifiers = result.identifiers
+            _merge(session.env.cstate, result.cstate)
+            session.note_interest(result.interest)
+            session.expires_at = result.expires_at
+            session.authenticated = True
+            self.by_identifiers.setdefault(session.identifiers, {})[session] = None
+            for text in result.transmissions:
+                session.write_text(text)
+            self._commit(session)
+            return True
+        if result.status == Status.FAILURE:
+            self.metrics.inc("failed_auths_total")
+            for text in result.transmissions:
+                session.write_text(text)
+            session.close(protocol.CLOSE_NORMAL, "Auth Failed")
+            return False
+        log.warning("authentication error sid=%s error=%s", session.sid, result.error)
+        session.close(protocol.CLOSE_INTERNAL_ERROR, "Auth Error")
+        return False
+
+    def _restore(self, session: Session, old_sid: str) -> bool:
+        raw = self.broker.take_session(old_sid)
+        if raw is None:
+            return False
+        try:
+            snap: dict[str, Any] = json.loads(raw)
+            exp = int(snap.get("exp") or 0)
+        except (ValueError, TypeError):
+            log.warning("unreadable session snapshot sid=%s", session.sid)
+            return False
+        if exp and exp < time.time():
+            log.debug("not restoring a session whose token expired sid=%s", session.sid)
+            return False
+        session.identifiers = snap.get("ids") or ""
+        session.env.cstate.update(snap.get("cstate") or {})
+        session.interest = bool(snap.get("disconnectable"))
+        session.expires_at = exp
+        session.authenticated = True
+        session.restored = True
+        istates = snap.get("istate") or {}
+        for identifier, streams in (snap.get("subs") or {}).items():
+            sub = Subscription(identifier)
+            sub.istate.update(istates.get(identifier) or {})
+            for stream in streams:
+                sub.streams[stream] = self._join(session, identifier, stream, held=True)
+            session.subscriptions[identifier] = sub
+        self.by_identifiers.setdefault(session.identifiers, {})[session] = None
+        session.write_text(protocol.welcome(session.sid, True, list(session.subscriptions)))
+        self._commit(session)
+        if any(sub.streams for sub in session.subscriptions.values()):
+            session.hold_timer = gevent.spawn_later(self.cfg.restore_hold, self._release_all, session)
+        log.debug("session restored sid=%s from=%s…", session.sid, old_sid[:4])
+        return True
+
+    def _release_all(self, session: Session) -> None:
+        session.hold_timer = None
+        for sub in session.subscriptions.values():
+            for ss in sub.streams.values():
+                self.hub.release(ss)
+
+    def close(self, session: Session) -> None:
+        """The connection is over (called once, by its reader greenlet)."""
+        session.finish()
+        self.sessions.pop(session, None)
+        self.pinger.remove(session)
+        peers = self.by_identifiers.get(session.identifiers)
+        if peers is not None:
+            peers.pop(session, None)
+            if not peers:
+                del self.by_identifiers[session.identifiers]
+        for sub in session.subscriptions.values():
+            for ss in sub.streams.values():
+                self._leave(ss)
+        if not session.authenticated:
+            return
+        if session.ext and self.resumable:
+            self.broker.touch_sessions((session.sid,))
+        mode = self.cfg.disconnect_mode
+        if mode == "always" or (mode == "auto" and session.interest):
+            istates = {ident: dict(sub.istate) for ident, sub in session.subscriptions.items()}
+            self.disconnector.push(self.connection(session), list(session.subscriptions), istates)
+
+    def _no_pong(self, session: Session) -> None:
+        session.close(protocol.CLOSE_NORMAL, "No Pong", protocol.disconnect(protocol.NO_PONG, True))
+
+    def _commit(self, session: Session) -> None:
+        if session.ext and self.resumable and session.authenticated:
+            self.broker.commit_session(session.sid, protocol.dumps(session.snapshot()).encode())
+
+    def _join(self, session: Session, identifier: str, stream: str, held: bool = False) -> StreamSub:
+        first = stream not in self.hub.streams
+        ss = self.hub.join(session, identifier, stream, held)
+        if first:
+            self.pubsub.subscribe(stream)
+        return ss
+
+    def _leave(self, ss: StreamSub) -> None:
+        stream = ss.stream
+        self.hub.leave(ss)
+        if stream not in self.hub.streams:
+            self.pubsub.unsubscribe(stream)
+
+    # ------------------------------------------------------------------ commands
+    def handle_frame(self, session: Session, raw: str | bytes) -> None:
+        """Decode and run one client frame. Bad frames are dropped and counted."""
+        self.metrics.inc("client_msg_total")
+        try:
+            cmd = protocol.decode_command(raw)
+        except ProtocolError as exc:
+            self.metrics.inc("failed_client_msg_total")
+            log.debug("dropping malformed frame sid=%s error=%s", session.sid, exc)
+            return
+        if cmd is None:
+            return
+        handler = self._commands.get(cmd.command)
+        if handler is None:
+            self.metrics.inc("failed_client_msg_total")
+            log.debug("unknown command sid=%s command=%r", session.sid, cmd.command[:40])
+            return
+        handler(self, session, cmd)
+
+    def _subscribe(self, session: Session, cmd: Command) -> None:
+        identifier = cmd.identifier
+        if not identifier or identifier in session.subscriptions:
+            self.metrics.inc("failed_client_msg_total")
+            log.debug("already subscribed sid=%s identifier=%s", session.sid, identifier)
+            return
+        result = self.controller.subscribe(self.connection(session, identifier), identifier)
+        if session.closed:
+            return
+        session.note_interest(result.interest)
+        if result.status == Status.ERROR:
+            log.warning("subscribe error sid=%s identifier=%s error=%s", session.sid, identifier, result.error)
+            return
+        history = cmd.history if cmd.history is not None and not cmd.history.empty else None
+        if result.status == Status.SUCCESS:
+            sub = Subscription(identifier)
+            session.subscriptions[identifier] = sub
+            self._apply(session, sub, result, held=history is not None)
+            self._commit(session)
+            if history is not None and identifier in session.subscriptions:
+                self._history(session, sub, history)
+        else:
+            self._apply(session, None, result)
+
+    def _unsubscribe(self, session: Session, cmd: Command) -> None:
+        sub = session.subscriptions.get(cmd.identifier)
+        if sub is None:
+            self.metrics.inc("failed_client_msg_total")
+            return
+        result = self.controller.unsubscribe(self.connection(session, cmd.identifier), cmd.identifier)
+        session.note_interest(result.interest)
+        if result.status == Status.ERROR:
+            log.warning("unsubscribe error sid=%s error=%s", session.sid, result.error)
+            return
+        result.stop_streams = True
+        self._apply(session, sub, result)
+        session.subscriptions.pop(cmd.identifier, None)
+        self._commit(session)
+
+    def _perform(self, session: Session, cmd: Command) -> None:
+        sub = session.subscriptions.get(cmd.identifier)
+        if sub is None or not isinstance(cmd.data, str):
+            self.metrics.inc("failed_client_msg_total")
+            return
+        result = self.controller.perform(self.connection(session, cmd.identifier), cmd.identifier, cmd.data)
+        session.note_interest(result.interest)
+        if result.status == Status.ERROR:
+            log.warning("perform error sid=%s error=%s", session.sid, result.error)
+            return
+        if self._apply(session, sub, result):
+            self._commit(session)
+
+    def _history_command(self, session: Session, cmd: Command) -> None:
+        sub = session.subscriptions.get(cmd.identifier)
+        if sub is None or cmd.history is None or cmd.history.empty:
+            self.metrics.inc("failed_client_msg_total")
+            log.debug("history request ignored sid=%s", session.sid)
+            return
+        self._history(session, sub, cmd.history)
+
+    def _whisper(self, session: Session, cmd: Command) -> None:
+        sub = session.subscriptions.get(cmd.identifier)
+        stream = sub.istate.get(protocol.WHISPER_STATE_KEY) if sub is not None else None
+        if not stream or not cmd.has_data:
+            self.metrics.inc("failed_client_msg_total")
+            return
+        msg = StreamMessage(stream=stream, data=protocol.dumps(cmd.data), exclude_socket=session.sid, transient=True)
+        self.pubsub.broadcast(msg)
+
+    def _ping(self, session: Session, cmd: Command) -> None:
+        session.write_text(protocol.PONG)
+
+    def _pong(self, session: Session, cmd: Command) -> None:
+        return None  # liveness only: the reader already noted the frame
+
+    _commands: dict[str, Callable[[Node, Session, Command], None]] = {
+        "subscribe": _subscribe,
+        "unsubscribe": _unsubscribe,
+        "message": _perform,
+        "history": _history_command,
+        "whisper": _whisper,
+        "ping": _ping,
+        "pong": _pong,
+    }
+
+    # ------------------------------------------------------------------ results
+    def _apply(self, session: Session, sub: Subscription | None, result: CommandResult, held: bool = False) -> bool:
+        """Apply a command result in SPEC §3.9 order. True when streams or state changed."""
+        changed = False
+        if sub is not None:
+            if result.stop_streams:
+                changed = bool(sub.streams)
+                for ss in sub.streams.values():
+                    self._leave(ss)
+                sub.streams.clear()
+            else:
+                for stream in result.stopped_streams:
+                    if stream in sub.streams:
+                        self._leave(sub.streams.pop(stream))
+                        changed = True
+            for stream in result.streams:
+                if stream not in sub.streams:
+                    sub.streams[stream] = self._join(session, sub.identifier, stream, held)
+                    changed = True
+            changed = _merge(sub.istate, result.istate) or changed
+        changed = _merge(session.env.cstate, result.cstate) or changed
+        for text in result.transmissions:
+            session.write_text(text)
+        if result.disconnect:
+            session.close(protocol.CLOSE_NORMAL, "Command Failed")
+        return changed
+
+    # ------------------------------------------------------------------ history
+    def _history(self, session: Session, sub: Subscription, req: HistoryRequest) -> None:
+        """Answer a history request: messages not yet delivered, then confirm (or reject).
+
+        Live messages for the identifier's streams are held while the reply is built
+        and merged after it, so nothing is sent twice and offsets stay in order.
+        """
+        identifier = sub.identifier
+        subs = list(sub.streams.items())
+        if not subs:
+            session.write_text(protocol.confirm_history(identifier))
+            return
+        hub = self.hub
+        for _, ss in subs:
+            hub.hold(ss)
+        plans: list[tuple[StreamSub, list[StreamMessage], int]] = []
+        try:
+            for stream, ss in subs:
+                position = req.streams.get(stream) if req.streams else None
+                if position is not None:
+                    msgs = self.broker.history_from(stream, position.epoch, position.offset)
+                    plans.append((ss, msgs, position.offset))
+                elif req.since > 0:
+                    plans.append((ss, self.broker.history_since(stream, req.since), 0))
+                else:
+                    plans.append((ss, [], 0))
+        except HistoryError as exc:
+            log.debug("history rejected sid=%s reason=%s", session.sid, exc)
+            session.write_text(protocol.reject_history(identifier))
+            for _, ss in subs:
+                hub.release(ss)
+            return
+        if session.closed:
+            return
+        for ss, msgs, known in plans:
+            self._send_history(session, ss, msgs, known)
+        session.write_text(protocol.confirm_history(identifier))
+        for ss, _, _ in plans:
+            hub.release(ss, ss.pos or None)
+
+    @staticmethod
+    def _send_history(session: Session, ss: StreamSub, msgs: list[StreamMessage], known: int) -> None:
+        """Send what this subscription has not had yet and advance its position."""
+        lo, pos = ss.lo, ss.pos
+        prefix = ss.group.prefix
+        for m in msgs:
+            if lo and lo <= m.offset <= pos:
+                continue  # delivered live already
+            session.write(protocol.ws_frame(prefix + m.tail()))
+        if msgs:
+            first, last = msgs[0].offset, msgs[-1].offset
+            if not lo or first < lo:
+                ss.lo = first
+            if last > ss.pos:
+                ss.pos = last
+            if ss.group.epoch == "":
+                ss.group.epoch = msgs[0].epoch
+        if known > ss.pos:
+            ss.pos = known
+
+    # ------------------------------------------------------------------ broadcasts
+    def handle_publication(self, publication: protocol.Publication) -> None:
+        """A publication from a broadcaster (HTTP, ...): register, then pub/sub."""
+        if isinstance(publication, RemoteCommand):
+            self.metrics.inc("remote_commands_total")
+            self.pubsub.broadcast_command(publication)
+            return
+        for msg in publication:
+            self.metrics.inc("publications_total")
+            self.broker.register(msg)
+            self.pubsub.broadcast(msg)
+
+    def handle_pubsub(self, msg: StreamMessage) -> None:
+        """A registered message arriving from pub/sub: fan it out."""
+        self.metrics.inc("broadcast_msg_total")
+        self.hub.enqueue(msg)
+
+    def handle_remote_command(self, cmd: RemoteCommand) -> None:
+        if cmd.command != "disconnect":
+            return
+        for session in tuple(self.by_identifiers.get(cmd.identifier) or ()):
+            session.close(
+                protocol.CLOSE_NORMAL,
+                "Closed remotely",
+                protocol.disconnect(protocol.REMOTE, cmd.reconnect),
+            )
+
+    # ------------------------------------------------------------------ reads
+    def note_activity(self, session: Session) -> None:
+        session.awaiting_pong = 0.0

@@ -1,0 +1,407 @@
+"""Action Cable (+ AnyCable extended) protocol: data shapes, decoding and encoding.
+
+Pure stdlib, no I/O. Server frames follow SPEC.md §3.2 (key order and omitted empty
+fields as anycable-go emits them); client frames are validated strictly, and anything
+that does not fit raises :class:`~anycable_gevent.errors.ProtocolError` (the caller drops
+the frame and keeps the connection).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from anycable_gevent.errors import ProtocolError
+
+PROTOCOL_JSON = "actioncable-v1-json"
+PROTOCOL_EXT_JSON = "actioncable-v1-ext-json"
+#: Sub-protocols this server speaks, in preference order (SPEC §2.2).
+SUPPORTED_PROTOCOLS = (PROTOCOL_JSON, PROTOCOL_EXT_JSON)
+TOKEN_PROTOCOL_PREFIX = "anycable-token."
+
+PUBSUB_CHANNEL = "$pubsub"
+TURBO_CHANNEL = "Turbo::StreamsChannel"
+CABLE_READY_CHANNEL = "CableReady::Stream"
+
+WHISPER_STATE_KEY = "$w"
+PRESENCE_STATE_KEY = "$p"
+
+# Disconnect reasons (SPEC §3.11).
+UNAUTHORIZED = "unauthorized"
+TOKEN_EXPIRED = "token_expired"
+SERVER_RESTART = "server_restart"
+REMOTE = "remote"
+NO_PONG = "no_pong"
+TOO_SLOW = "too_slow"
+
+# WebSocket close codes.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_DATA = 1007
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+
+OP_CONT = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON, UTF-8 characters kept as they are."""
+    return _dumps(obj)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"invalid JSON constant {name}")
+
+
+def loads(text: str | bytes) -> Any:
+    """Strict JSON: NaN and Infinity are not JSON and are refused."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+# ---------------------------------------------------------------------------- client frames
+
+
+@dataclass(frozen=True)
+class Position:
+    """A client's last seen position in one stream."""
+
+    epoch: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class HistoryRequest:
+    since: int = 0
+    streams: dict[str, Position] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.since <= 0 and self.streams is None
+
+
+@dataclass(frozen=True)
+class Command:
+    command: str
+    identifier: str = ""
+    data: Any = None
+    has_data: bool = False
+    history: HistoryRequest | None = None
+    presence: dict[str, Any] | None = None
+
+
+def _history(raw: Any) -> HistoryRequest | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ProtocolError("history must be an object")
+    since = raw.get("since")
+    # The JS client may send since: false (historyTimestamp: false) or null.
+    if since is None or since is False:
+        since_s = 0
+    elif isinstance(since, bool) or not isinstance(since, int | float):
+        raise ProtocolError("history.since must be a number of seconds")
+    else:
+        since_s = int(since)
+        if since_s < 0:
+            raise ProtocolError("history.since must not be negative")
+    streams_raw = raw.get("streams")
+    streams: dict[str, Position] | None = None
+    if streams_raw is not None:
+        if not isinstance(streams_raw, dict):
+            raise ProtocolError("history.streams must be an object")
+        streams = {}
+        for name, pos in streams_raw.items():
+            if not isinstance(pos, dict):
+                raise ProtocolError("history.streams entries must be objects")
+            epoch = pos.get("epoch", "")
+            offset = pos.get("offset", 0)
+            if not isinstance(epoch, str):
+                raise ProtocolError("history epoch must be a string")
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ProtocolError("history offset must be a non-negative integer")
+            streams[name] = Position(epoch, offset)
+    return HistoryRequest(since_s, streams)
+
+
+def decode_command(raw: str | bytes) -> Command | None:
+    """Decode one client frame. ``None`` means 'JSON null: ignore silently'.
+
+    Raises:
+        ProtocolError: not JSON, not an object, or a field of the wrong type.
+    """
+    try:
+        msg = loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed JSON: {exc}") from None
+    if msg is None:
+        return None
+    if not isinstance(msg, dict):
+        raise ProtocolError("frame must be a JSON object")
+    command = msg.get("command", "")
+    if not isinstance(command, str):
+        raise ProtocolError("command must be a string")
+    identifier = msg.get("identifier", "")
+    if identifier is None:
+        identifier = ""
+    if not isinstance(identifier, str):
+        raise ProtocolError("identifier must be a string")
+    presence = msg.get("presence")
+    if presence is not None and not isinstance(presence, dict):
+        raise ProtocolError("presence must be an object")
+    return Command(
+        command=command,
+        identifier=identifier,
+        data=msg.get("data"),
+        has_data="data" in msg,
+        history=_history(msg.get("history")),
+        presence=presence,
+    )
+
+
+# ---------------------------------------------------------------------------- server frames
+
+
+def welcome(sid: str | None = None, restored: bool = False, restored_ids: list[str] | None = None) -> str:
+    msg: dict[str, Any] = {"type": "welcome"}
+    if sid:
+        msg["sid"] = sid
+    if restored:
+        msg["restored"] = True
+        if restored_ids:
+            msg["restored_ids"] = restored_ids
+    return dumps(msg)
+
+
+def confirm(identifier: str) -> str:
+    return dumps({"identifier": identifier, "type": "confirm_subscription"})
+
+
+def reject(identifier: str) -> str:
+    return dumps({"identifier": identifier, "type": "reject_subscription"})
+
+
+def confirm_history(identifier: str) -> str:
+    return dumps({"type": "confirm_history", "identifier": identifier})
+
+
+def reject_history(identifier: str) -> str:
+    return dumps({"type": "reject_history", "identifier": identifier})
+
+
+def disconnect(reason: str, reconnect: bool) -> str:
+    return dumps({"type": "disconnect", "reason": reason, "reconnect": reconnect})
+
+
+def ping(ts: int) -> str:
+    return f'{{"type":"ping","message":{ts}}}'
+
+
+PONG = '{"type":"pong"}'
+
+
+def message_json(data: str) -> str:
+    """The ``message`` value of a broadcast: ``data`` as JSON if it parses, else the string.
+
+    Valid JSON is embedded verbatim (no re-encoding); JSON ``null`` and anything that
+    does not parse are delivered as a JSON string (SPEC §3.10).
+    """
+    try:
+        value = loads(data)
+    except ValueError:
+        return dumps(data)
+    if value is None:
+        return dumps(data)
+    return data
+
+
+# ---------------------------------------------------------------------------- broadcasts
+
+
+@dataclass(slots=True)
+class StreamMessage:
+    """One publication to one stream (the unit the broker registers and the hub fans out)."""
+
+    stream: str
+    data: str
+    exclude_socket: str = ""
+    transient: bool = False
+    broadcast_type: str = ""
+    offset: int = 0
+    epoch: str = ""
+    #: Unix seconds when the broker registered it (history ``since`` matching).
+    ts: int = 0
+    #: Cached ``,"message":…[,"stream_id":…,"epoch":…,"offset":N]}`` tail of every frame.
+    _tail: bytes | None = field(default=None, repr=False, compare=False)
+
+    def tail(self) -> bytes:
+        """Everything after the identifier in a data frame, encoded once per message."""
+        tail = self._tail
+        if tail is None:
+            parts = [',"message":', message_json(self.data)]
+            if self.epoch:
+                parts.append(f',"stream_id":{dumps(self.stream)},"epoch":{dumps(self.epoch)},"offset":{self.offset}')
+            parts.append("}")
+            tail = self._tail = "".join(parts).encode()
+        return tail
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"stream": self.stream, "data": self.data}
+        meta: dict[str, Any] = {}
+        if self.exclude_socket:
+            meta["exclude_socket"] = self.exclude_socket
+        if self.transient:
+            meta["transient"] = True
+        if self.broadcast_type:
+            meta["broadcast_type"] = self.broadcast_type
+        if meta:
+            out["meta"] = meta
+        if self.epoch:
+            out["offset"] = self.offset
+            out["epoch"] = self.epoch
+        return out
+
+
+@dataclass(frozen=True)
+class RemoteCommand:
+    """A server command published by the application (only ``disconnect`` exists)."""
+
+    command: str
+    identifier: str
+    reconnect: bool
+
+
+def frame_prefix(identifier: str, broadcast_type: str = "") -> bytes:
+    """``{"identifier":"…"`` (or with a leading ``"type"``), shared by every frame of a group."""
+    if broadcast_type:
+        return f'{{"type":{dumps(broadcast_type)},"identifier":{dumps(identifier)}'.encode()
+    return f'{{"identifier":{dumps(identifier)}'.encode()
+
+
+# ---------------------------------------------------------------------------- WebSocket framing
+
+_pack_short = struct.Struct("!BBH").pack
+_pack_long = struct.Struct("!BBQ").pack
+
+
+def ws_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
+    """A complete, unmasked, final WebSocket frame (what a server sends)."""
+    n = len(payload)
+    first = 0x80 | opcode
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return _pack_short(first, 126, n) + payload
+    return _pack_long(first, 127, n) + payload
+
+
+def text_frame(text: str) -> bytes:
+    return ws_frame(text.encode())
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    return ws_frame(struct.pack("!H", code) + reason.encode()[:123], OP_CLOSE)
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR a client payload with its 4-byte mask, in C speed via big integers."""
+    n = len(payload)
+    if not n:
+        return payload
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def select_protocol(offered: str) -> str | None:
+    """First protocol in the client's list that this server speaks (SPEC §2.2)."""
+    for item in offered.split(","):
+        name = item.strip()
+        if name in SUPPORTED_PROTOCOLS:
+            return name
+    return None
+
+
+def token_from_protocols(offered: str) -> str:
+    for item in offered.split(","):
+        name = item.strip()
+        if name.startswith(TOKEN_PROTOCOL_PREFIX):
+            return name[len(TOKEN_PROTOCOL_PREFIX) :]
+    return ""
+
+
+# ---------------------------------------------------------------------------- publications
+
+Publication = list[StreamMessage] | RemoteCommand
+
+
+def _stream_message(obj: dict[str, Any], where: str) -> StreamMessage:
+    stream = obj.get("stream")
+    if not isinstance(stream, str) or not stream:
+        raise ProtocolError(f"{where}stream must be a non-empty string")
+    data = obj.get("data")
+    if not isinstance(data, str):
+        raise ProtocolError(f"{where}data must be a string (JSON-encode the payload)")
+    meta = obj.get("meta")
+    exclude, transient = "", False
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise ProtocolError(f"{where}meta must be an object")
+        exclude = meta.get("exclude_socket") or ""
+        if not isinstance(exclude, str):
+            raise ProtocolError(f"{where}meta.exclude_socket must be a string")
+        transient = meta.get("transient", False)
+        if not isinstance(transient, bool):
+            raise ProtocolError(f"{where}meta.transient must be a boolean")
+    return StreamMessage(stream=stream, data=data, exclude_socket=exclude, transient=transient)
+
+
+def decode_publication(body: bytes | str) -> Publication:
+    """Parse a broadcast body: one message, a batch, or a remote command (SPEC §6.1).
+
+    Stricter than anycable-go: a body that is not a valid publication raises instead of
+    being logged and dropped, and a batch is all-or-nothing.
+
+    Raises:
+        ProtocolError: with a message that says what is wrong.
+    """
+    try:
+        obj = loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"body is not valid JSON: {exc}") from None
+    if isinstance(obj, list):
+        if not obj:
+            raise ProtocolError("batch is empty")
+        out = []
+        for i, item in enumerate(obj):
+            if not isinstance(item, dict):
+                raise ProtocolError(f"[{i}]: each publication must be an object")
+            out.append(_stream_message(item, f"[{i}]."))
+        return out
+    if not isinstance(obj, dict):
+        raise ProtocolError("body must be a JSON object or an array of objects")
+    if obj.get("stream"):
+        return [_stream_message(obj, "")]
+    command = obj.get("command")
+    if command:
+        if command != "disconnect":
+            raise ProtocolError(f"unknown command {command!r} (only 'disconnect' is supported)")
+        payload = obj.get("payload")
+        if not isinstance(payload, dict):
+            raise ProtocolError("payload must be an object")
+        identifier = payload.get("identifier")
+        if not isinstance(identifier, str) or not identifier:
+            raise ProtocolError("payload.identifier must be a non-empty string")
+        reconnect = payload.get("reconnect", False)
+        if not isinstance(reconnect, bool):
+            raise ProtocolError("payload.reconnect must be a boolean")
+        return RemoteCommand("disconnect", identifier, reconnect)
+    raise ProtocolError("publication needs a non-empty stream (or a command)")

@@ -1,0 +1,302 @@
+"""WebSocket endpoint: the upgrade (through gevent-websocket) and the reader loop.
+
+gevent-websocket does the HTTP upgrade; this module checks the path and Origin before
+it, negotiates the sub-protocol in the 101 response (gevent-websocket alone only
+answers a protocol the application hard-codes), adds ``X-AnyCable-Version``, and then
+reads frames itself: the payload length is checked against ``--max_message_size``
+before a byte of payload is read (close 1009), and unmasking runs at C speed.
+Writes never go through gevent-websocket (see :mod:`anycable_gevent.session`).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any
+from urllib.parse import urlsplit
+
+from geventwebsocket.handler import WebSocketHandler
+
+from anycable_gevent import __version__, protocol
+from anycable_gevent.config import Config
+from anycable_gevent.controllers.base import Env
+from anycable_gevent.controllers.identity import query_params
+from anycable_gevent.errors import MessageTooBig, ProtocolError
+from anycable_gevent.metrics import Metrics
+from anycable_gevent.node import Node, new_sid
+from anycable_gevent.session import CLOSE_GRACE, Session
+
+log = logging.getLogger(__name__)
+
+#: Read buffer of each connection (anycable-go uses 1 KiB too); the default would be 8 KiB.
+READ_BUFFER = 1024
+
+_unpack_short = struct.Struct("!H").unpack
+_unpack_long = struct.Struct("!Q").unpack
+
+
+class ClosedByPeer(Exception):
+    """The client sent a close frame."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
+    """SPEC §2.2: host[:port] of Origin equals an entry, or ends with the text after ``*``."""
+    if not allowed:
+        return True
+    if not origin:
+        return False
+    host = urlsplit(origin.strip()).netloc.lower()
+    if not host:
+        return False
+    for entry in allowed:
+        entry = entry.lower()
+        if entry.startswith("*"):
+            if host.endswith(entry[1:]):
+                return True
+        elif host == entry:
+            return True
+    return False
+
+
+class CableHandler(WebSocketHandler):
+    """gevent-websocket's handler with AnyCable's upgrade rules."""
+
+    def __init__(self, sock: Any, address: Any, server: Any, rfile: Any = None) -> None:
+        if rfile is None:
+            rfile = sock.makefile("rb", READ_BUFFER)
+        super().__init__(sock, address, server, rfile)
+
+    def upgrade_websocket(self) -> Any:
+        endpoint: CableEndpoint | None = getattr(self.server, "cable", None)
+        path = self.environ.get("PATH_INFO", "")
+        if endpoint is None or path not in endpoint.paths:
+            return None  # not a cable path: the WSGI app answers
+        if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+            return None  # plain HTTP to the cable path: the app answers 400
+        if not origin_allowed(self.environ.get("HTTP_ORIGIN"), endpoint.cfg.allowed_origins):
+            self.start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [b"Origin not allowed"]
+        if endpoint.cfg.max_conn and len(endpoint.node.sessions) >= endpoint.cfg.max_conn:
+            self.start_response("503 Service Unavailable", [("Content-Type", "text/plain"), ("Retry-After", "1")])
+            return [b"Too many connections"]
+        offered = self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
+        self.environ["anycable.protocol"] = protocol.select_protocol(offered) if offered else None
+        return super().upgrade_websocket()
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        if status.startswith("101"):
+            headers = list(headers)
+            chosen = self.environ.get("anycable.protocol")
+            if chosen:
+                headers.append(("Sec-WebSocket-Protocol", chosen))
+            headers.append(("X-AnyCable-Version", __version__))
+        return super().start_response(status, headers, exc_info)
+
+    def log_request(self) -> None:
+        if "101" not in str(self.status):
+            log.debug("%s", self.format_request())
+
+
+class FrameReader:
+    """Reads client messages from a connection's buffered reader."""
+
+    __slots__ = ("read", "max_size", "on_ping", "on_pong")
+
+    def __init__(self, rfile: Any, max_size: int, on_ping: Any, on_pong: Any) -> None:
+        self.read = rfile.read
+        self.max_size = max_size
+        self.on_ping = on_ping
+        self.on_pong = on_pong
+
+    def _exact(self, n: int) -> bytes:
+        data = self.read(n)
+        if len(data) != n:
+            raise EOFError
+        return bytes(data)
+
+    def _control(self, op: int, fin: int, length: int) -> None:
+        if not fin or length > 125:
+            raise ProtocolError("invalid control frame")
+        mask = self._exact(4)
+        payload = protocol.unmask(self._exact(length), mask) if length else b""
+        if op == protocol.OP_CLOSE:
+            code = _unpack_short(payload[:2])[0] if len(payload) >= 2 else protocol.CLOSE_NORMAL
+            raise ClosedByPeer(code)
+        if op == protocol.OP_PING:
+            self.on_ping(payload)
+        elif op == protocol.OP_PONG:
+            self.on_pong()
+        else:
+            raise ProtocolError(f"unknown opcode {op}")
+
+    def message(self) -> tuple[int, bytes]:
+        """Next text or binary message as ``(opcode, payload)``.
+
+        Raises:
+            ClosedByPeer: a close frame arrived.
+            MessageTooBig: the message is over ``max_size``.
+            ProtocolError: the client broke RFC 6455 framing.
+            EOFError: the connection ended.
+        """
+        opcode = 0
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            b1, b2 = self._exact(2)
+            fin = b1 & 0x80
+            if b1 & 0x70:
+                raise ProtocolError("reserved bits set")
+            op = b1 & 0x0F
+            length = b2 & 0x7F
+            if not b2 & 0x80:
+                raise ProtocolError("client frames must be masked")
+            if length == 126:
+                (length,) = _unpack_short(self._exact(2))
+            elif length == 127:
+                (length,) = _unpack_long(self._exact(8))
+            if op >= 0x8:
+                self._control(op, fin, length)
+                continue
+            if op == protocol.OP_CONT:
+                if not opcode:
+                    raise ProtocolError("continuation without a message")
+            elif op in (protocol.OP_TEXT, protocol.OP_BINARY):
+                if opcode:
+                    raise ProtocolError("new message inside a fragmented one")
+                opcode = op
+            else:
+                raise ProtocolError(f"unknown opcode {op}")
+            size += length
+            if size > self.max_size:
+                raise MessageTooBig(f"message of {size} bytes or more")
+            mask = self._exact(4)
+            parts.append(protocol.unmask(self._exact(length), mask) if length else b"")
+            if fin:
+                return opcode, parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class CableEndpoint:
+    """Serves one upgraded WebSocket: builds the session, authenticates, reads."""
+
+    def __init__(self, cfg: Config, node: Node, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.metrics = metrics
+        self.paths = set(cfg.path)
+        self.headers = [h.lower() for h in cfg.headers]
+        self.jwt_header = "x-" + cfg.jwt_param.lower()
+
+    def env(self, environ: dict[str, Any], remote_addr: str) -> Env:
+        scheme = "https" if environ.get("wsgi.url_scheme") == "https" else "http"
+        host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
+        path = environ.get("PATH_INFO", "")
+        qs = environ.get("QUERY_STRING", "")
+        url = f"{scheme}://{host}{path}" + (f"?{qs}" if qs else "")
+        headers: dict[str, str] = {}
+        for name in self.headers:
+            value = environ.get("HTTP_" + name.upper().replace("-", "_"))
+            if value:
+                if name == "cookie" and self.cfg.proxy_cookies:
+                    value = filter_cookies(value, self.cfg.proxy_cookies)
+                if value:
+                    headers[name] = value
+        token = environ.get("HTTP_" + self.jwt_header.upper().replace("-", "_"))
+        if not token:
+            token = protocol.token_from_protocols(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", ""))
+        if token:
+            headers[self.jwt_header] = token
+        restore = environ.get("HTTP_X_ANYCABLE_RESTORE_SID")
+        if restore:
+            headers["x-anycable-restore-sid"] = restore
+        headers["REMOTE_ADDR"] = remote_addr
+        return Env(url=url, headers=headers)
+
+    def __call__(self, environ: dict[str, Any], ws: Any) -> None:
+        handler = ws.handler
+        ws.closed = True  # gevent-websocket must not write its own close frame later
+        sock = handler.socket
+        chosen = environ.get("anycable.protocol")
+        remote = environ.get("REMOTE_ADDR", "")
+        env = self.env(environ, remote)
+        session = Session(
+            new_sid(),
+            sock,
+            env,
+            query_params(env.url),
+            chosen == protocol.PROTOCOL_EXT_JSON,
+            self.metrics,
+            self.cfg.ws_max_pending_size,
+            self.cfg.ws_write_timeout,
+        )
+        # The request is parsed: drop what the handler keeps for plain HTTP.
+        handler.headers = None
+        node = self.node
+        try:
+            reader = FrameReader(
+                handler.rfile,
+                self.cfg.max_message_size,
+                lambda payload: session.write(protocol.ws_frame(payload, protocol.OP_PONG)),
+                lambda: node.note_activity(session),
+            )
+            if node.open(session):
+                self._read_loop(session, reader)
+            else:
+                self._drain(session, reader)
+        finally:
+            node.close(session)
+
+    def _read_loop(self, session: Session, reader: FrameReader) -> None:
+        node = self.node
+        metrics = self.metrics
+        debug = log.isEnabledFor(logging.DEBUG)
+        while True:
+            try:
+                _, payload = reader.message()
+            except ClosedByPeer as closed:
+                session.reply_close(closed.code)
+                session.flush(CLOSE_GRACE)
+                return
+            except MessageTooBig as exc:
+                log.info("closing: %s sid=%s", exc, session.sid)
+                metrics.inc("failed_client_msg_total")
+                session.close(protocol.CLOSE_TOO_BIG, "Message too big")
+                self._drain(session, reader)
+                return
+            except ProtocolError as exc:
+                log.info("closing: protocol error %s sid=%s", exc, session.sid)
+                session.close(protocol.CLOSE_PROTOCOL_ERROR, "Protocol error")
+                self._drain(session, reader)
+                return
+            except (EOFError, OSError):
+                return
+            metrics.counters["data_rcvd_total"] += len(payload)
+            session.awaiting_pong = 0.0
+            if session.closing:
+                continue
+            if debug:
+                log.debug("incoming frame sid=%s frame=%s", session.sid, payload[:1024])
+            node.handle_frame(session, payload)
+
+    @staticmethod
+    def _drain(session: Session, reader: FrameReader) -> None:
+        """After a server-side close: wait for the client's close frame (or EOF)."""
+        while True:
+            try:
+                reader.message()
+            except (ClosedByPeer, EOFError, OSError, ProtocolError):
+                return
+
+
+def filter_cookies(header: str, allowed: list[str]) -> str:
+    """Keep only the named cookies (names trimmed, unlike anycable-go; SPEC §2.3)."""
+    keep = set(allowed)
+    out = []
+    for piece in header.split(";"):
+        name, _, _ = piece.partition("=")
+        if name.strip() in keep:
+            out.append(piece.strip())
+    return "; ".join(out)
