@@ -1,0 +1,35 @@
+"""Shared fixtures: a real server per test module (the CLI in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import Server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """Public streams, no auth, memory broker: the RPC-less default setup for most tests."""
+    with Server("--public_streams", "--noauth", "--sessions_ttl=30", "--history_ttl=60") as srv:
+        yield srv
+
+
+@pytest.fixture
+def make_server() -> Iterator[type[Server]]:
+    """Start servers with custom flags; every one started is stopped after the test."""
+    started: list[Server] = []
+
+    class Factory(Server):
+        def start(self, timeout: float = 15.0) -> Server:
+            started.append(self)
+            return super().start(timeout)
+
+    yield Factory
+    for srv in started:
+        srv.__exit__(None, None, None)

@@ -1,0 +1,271 @@
+"""Test helpers: run the real server (the CLI in a subprocess) and talk to it over sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import websocket
+
+ROOT = Path(__file__).resolve().parent.parent
+EXT = "actioncable-v1-ext-json"
+BASE = "actioncable-v1-json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pubsub_id(stream: str) -> str:
+    """Identifier the JS client builds for ``cable.streamFrom(stream)`` (sorted keys)."""
+    return json.dumps({"channel": "$pubsub", "stream_name": stream}, separators=(",", ":"))
+
+
+def signed_id(signed: str, channel: str = "$pubsub") -> str:
+    return json.dumps({"channel": channel, "signed_stream_name": signed}, separators=(",", ":"))
+
+
+class Server:
+    """The real CLI (``python -m anycable_gevent``) on free loopback ports."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, broadcast_port: int | None = None) -> None:
+        self.port = free_port()
+        self.broadcast_port = broadcast_port or free_port()
+        self.args = list(args)
+        if not any(a.startswith("--http_broadcast_port") for a in self.args):
+            self.args.append(f"--http_broadcast_port={self.broadcast_port}")
+        else:
+            for a in self.args:
+                if a.startswith("--http_broadcast_port="):
+                    self.broadcast_port = int(a.split("=", 1)[1])
+        self.env = dict(os.environ)
+        for k in list(self.env):
+            if k.startswith("ANYCABLE_"):
+                del self.env[k]
+        self.env.update(env or {})
+        self.log = tempfile.NamedTemporaryFile(prefix="anycable-gevent-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/cable"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def broadcast_url(self) -> str:
+        return f"http://127.0.0.1:{self.broadcast_port}/_broadcast"
+
+    def start(self, timeout: float = 15.0) -> Server:
+        cmd = [sys.executable, "-m", "anycable_gevent", "--host=127.0.0.1", f"--port={self.port}", *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(f"{self.http}/health", timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not start:\n{self.output()}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        try:
+            os.unlink(self.log.name)
+        except OSError:
+            pass
+
+    # -------------------------------------------------------------- HTTP helpers
+    def broadcast(self, body: Any, key: str | None = None, raw: bytes | None = None) -> tuple[int, Any]:
+        """POST to the broadcast endpoint; returns (status, parsed JSON body or None)."""
+        data = raw if raw is not None else json.dumps(body).encode()
+        req = urllib.request.Request(self.broadcast_url, data=data, method="POST")
+        req.add_header("Content-Type", "application/json")
+        if key is not None:
+            req.add_header("Authorization", f"Bearer {key}")
+        return http_call(req)
+
+    def publish(self, stream: str, data: Any, **meta: Any) -> None:
+        body: dict[str, Any] = {"stream": stream, "data": json.dumps(data)}
+        if meta:
+            body["meta"] = meta
+        status, reply = self.broadcast(body)
+        assert status == 201, (status, reply)
+
+    def get(self, path: str, port: int | None = None) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{port or self.port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+
+def http_call(req: urllib.request.Request) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            text = resp.read()
+            return resp.status, json.loads(text) if text else None
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text) if text else None
+        except ValueError:
+            return exc.code, text.decode(errors="replace")
+
+
+class Client:
+    """A WebSocket client (websocket-client) with Action Cable helpers."""
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str | None = EXT,
+        headers: dict[str, str] | None = None,
+        protocols: list[str] | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        subprotocols = protocols if protocols is not None else ([protocol] if protocol else None)
+        header = [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.ws = websocket.create_connection(url, subprotocols=subprotocols, header=header, timeout=timeout)
+        self.pings: list[dict[str, Any]] = []
+        self.welcome: dict[str, Any] | None = None
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.ws.getsubprotocol()  # type: ignore[no-any-return]
+
+    def send(self, frame: Any) -> None:
+        self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    def recv(self, timeout: float = 5.0, pings: bool = False) -> dict[str, Any]:
+        """Next JSON frame (pings are skipped unless ``pings``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no frame")
+            self.ws.settimeout(left)
+            try:
+                text = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                raise TimeoutError("no frame") from None
+            if not text:
+                raise ConnectionError("closed")
+            msg = json.loads(text)
+            if msg.get("type") == "ping" and not pings:
+                self.pings.append(msg)
+                continue
+            return msg  # type: ignore[no-any-return]
+
+    def expect_welcome(self) -> dict[str, Any]:
+        msg = self.recv()
+        assert msg.get("type") == "welcome", msg
+        self.welcome = msg
+        return msg
+
+    def nothing(self, wait: float = 0.5) -> None:
+        """Assert that no non-ping frame arrives within ``wait`` seconds."""
+        try:
+            msg = self.recv(wait)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame {msg}")
+
+    def subscribe(self, identifier: str, history: dict[str, Any] | None = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {"command": "subscribe", "identifier": identifier}
+        if history is not None:
+            frame["history"] = history
+        self.send(frame)
+        return self.recv()
+
+    def closed(self, timeout: float = 5.0) -> tuple[int | None, list[dict[str, Any]]]:
+        """Read until the server closes: (close code, frames received before it)."""
+        frames: list[dict[str, Any]] = []
+        self.ws.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                opcode, data = self.ws.recv_data(control_frame=True)
+            except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
+                return None, frames
+            except websocket.WebSocketTimeoutException:
+                break
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+                return code, frames
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                msg = json.loads(data)
+                if msg.get("type") != "ping":
+                    frames.append(msg)
+        raise TimeoutError("server did not close the connection")
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@contextmanager
+def connected(server: Server, **kwargs: Any) -> Iterator[Client]:
+    """A client that has received its welcome."""
+    client = Client(server.url, **kwargs)
+    try:
+        client.expect_welcome()
+        yield client
+    finally:
+        client.close()
+
+
+def jwt_token(payload: dict[str, Any], secret: str) -> str:
+    import jwt
+
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
