@@ -229,19 +229,19 @@ class Config:
     @property
     def streams_key(self) -> str:
         """Secret for ``$pubsub`` signed stream names."""
-        return _none(self.streams_secret) or _none(self.secret)
+        return _fallback(self.streams_secret, _none(self.secret))
 
     @property
     def turbo_key(self) -> str:
-        return _none(self.turbo_streams_secret) or self.streams_key
+        return _fallback(self.turbo_streams_secret, self.streams_key)
 
     @property
     def cable_ready_key(self) -> str:
-        return _none(self.cable_ready_secret) or self.streams_key
+        return _fallback(self.cable_ready_secret, self.streams_key)
 
     @property
     def jwt_key(self) -> str:
-        return _none(self.jwt_secret) or _none(self.secret)
+        return _fallback(self.jwt_secret, _none(self.secret))
 
     @property
     def allow_public_streams(self) -> bool:
@@ -273,7 +273,9 @@ class Config:
         """Port of the HTTP broadcast endpoint (SPEC §6.2: decided before 'none'/public handling)."""
         if self.http_broadcast_port:
             return self.http_broadcast_port
-        secured = bool(self.broadcast_key and self.broadcast_key != "none") or bool(_none(self.secret))
+        if self.broadcast_key == "none":
+            return DEFAULT_BROADCAST_PORT  # 'none' also stops the --secret fallback
+        secured = bool(self.broadcast_key) or bool(_none(self.secret))
         return self.port if secured else DEFAULT_BROADCAST_PORT
 
     @property
@@ -298,6 +300,13 @@ class Config:
 def _none(value: str) -> str:
     """The literal ``none`` means 'no secret'."""
     return "" if value == "none" else value
+
+
+def _fallback(value: str, default: str) -> str:
+    """A specific secret: unset inherits ``default``; ``none`` disables it (anycable-go)."""
+    if value == "none":
+        return ""
+    return value or default
 
 
 def derive_key(secret: str, phrase: str) -> str:
@@ -359,7 +368,16 @@ class _Parser(configargparse.ArgParser):
     """Raises ConfigError instead of printing usage and exiting."""
 
     def error(self, message: str) -> Any:
+        if message.startswith("Unable to open config file"):
+            message = f"--config: {message}"
         raise ConfigError(message)
+
+    def convert_item_to_command_line_arg(self, action: Any, key: str, value: Any) -> list[str]:
+        # `key = [a, b]` in a config file (the syntax --help advertises): our list
+        # options take one comma-separated value
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        return super().convert_item_to_command_line_arg(action, key, value)  # type: ignore[no-any-return]
 
 
 def build_parser() -> configargparse.ArgParser:
@@ -369,7 +387,7 @@ def build_parser() -> configargparse.ArgParser:
         args_for_setting_config_path=["-c", "--config", "--config-path"],
         config_arg_help_message="Config file (key = value lines, option names as below)",
         default_config_files=[],
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=configargparse.HelpFormatter,
         add_env_var_help=True,
         auto_env_var_prefix=None,
     )
@@ -380,7 +398,7 @@ def build_parser() -> configargparse.ArgParser:
         kind = _kind(f)
         kwargs: dict[str, Any] = {
             "dest": f.name,
-            "help": meta["help"],
+            "help": _help_text(f),
             "env_var": env_name(f.name),
             "default": None,  # None = not given; defaults are applied in load()
         }
@@ -392,6 +410,16 @@ def build_parser() -> configargparse.ArgParser:
             kwargs["metavar"] = meta["metavar"] or f.name.upper()
         groups[meta["section"]].add_argument(*flag_names(f), **kwargs)
     return parser
+
+
+def _help_text(f: dataclasses.Field[Any]) -> str:
+    """Help line with the real default (argparse only sees None: 'not given')."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    text = str(f.metadata["help"])
+    shown = format_default(default)
+    if shown:
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")
 
 
 def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:

@@ -269,3 +269,170 @@ def jwt_token(payload: dict[str, Any], secret: str) -> str:
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+# ------------------------------------------------------------------ raw sockets and HTTP
+
+
+def request(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """Any HTTP request: (status, lower-cased headers, body), whatever the status."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:port (a connection attempt is refused)."""
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+class RawWS:
+    """A WebSocket client on a bare TCP socket: the test controls every byte.
+
+    Does the opening handshake itself (so a response without ``Sec-WebSocket-Protocol``
+    or a non-101 status can be inspected), sends masked frames of any size and opcode,
+    and can use a tiny receive buffer (``rcvbuf``) to play a client that never reads.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        path: str = "/cable",
+        protocols: list[str] | None = None,
+        headers: dict[str, str] | None = None,
+        rcvbuf: int | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            # must be set before connect() for the TCP window to stay small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ]
+        if protocols:
+            lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        self.status = int(status_line.split()[1]) if status_line else 0
+        self.headers: dict[str, str] = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    def send_frame(self, payload: bytes, opcode: int = 0x1, fin: bool = True) -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([(0x80 if fin else 0) | opcode])
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 65536:
+            head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+        self.sock.sendall(head + mask + _mask(payload, mask))
+
+    def send(self, frame: Any) -> None:
+        self.send_frame((frame if isinstance(frame, str) else json.dumps(frame)).encode())
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def recv_frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
+        """Next frame from the server as (opcode, payload)."""
+        self.sock.settimeout(timeout)
+        b1, b2 = self._read(2)
+        n = b2 & 0x7F
+        if n == 126:
+            n = int.from_bytes(self._read(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self._read(8), "big")
+        return b1 & 0x0F, self._read(n)
+
+    def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Next JSON text frame, pings skipped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            opcode, payload = self.recv_frame(max(deadline - time.monotonic(), 0.01))
+            if opcode != 0x1:
+                raise AssertionError(f"expected a text frame, got opcode {opcode}")
+            msg = json.loads(payload)
+            if msg.get("type") != "ping":
+                return msg  # type: ignore[no-any-return]
+
+    def closed(self, timeout: float = 5.0) -> tuple[int | None, list[dict[str, Any]]]:
+        """Read until a close frame: (close code, JSON frames before it, pings skipped)."""
+        frames: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            opcode, payload = self.recv_frame(max(deadline - time.monotonic(), 0.01))
+            if opcode == 0x8:
+                return (int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None), frames
+            if opcode == 0x1:
+                msg = json.loads(payload)
+                if msg.get("type") != "ping":
+                    frames.append(msg)
+
+    def wait_eof(self, timeout: float = 10.0) -> bool:
+        """Discard everything until the server ends the TCP connection; False on timeout."""
+        deadline = time.monotonic() + timeout
+        self.buf = b""
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                if not self.sock.recv(1 << 20):
+                    return True
+            except (ConnectionResetError, BrokenPipeError):
+                return True
+            except TimeoutError:
+                return False
+        return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> RawWS:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _mask(payload: bytes, mask: bytes) -> bytes:
+    n = len(payload)
+    if not n:
+        return payload
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
