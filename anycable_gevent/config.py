@@ -612,6 +612,8 @@ def warnings(cfg: Config) -> list[str]:
             f"the broadcast endpoint on {cfg.host}:{cfg.broadcast_port}{cfg.http_broadcast_path} accepts "
             "publications without a key; set --broadcast_key or --secret, or bind to a loopback host"
         )
+    if cfg.jwt_key and len(cfg.jwt_key.encode()) < 32:
+        out.append("the JWT secret is shorter than 32 bytes (RFC 7518 recommends at least 32 for HS256)")
     if cfg.metrics_port and not cfg.metrics_http:
         out.append("--metrics_port has no effect without --metrics_http")
     return out

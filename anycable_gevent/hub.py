@@ -233,10 +233,14 @@ class Hub:
                     if sub.held is not None and (not exclude or sub.session.sid != exclude):
                         sub.held.append((off, frame))
             else:
-                for sub in (*group.members, *group.held):
+                for sub in tuple(group.members):
                     if not exclude or sub.session.sid != exclude:
                         sub.write(frame)
                         n += 1
+                for sub in tuple(group.held):
+                    # kept in arrival order with the registered messages it came between
+                    if sub.held is not None and (not exclude or sub.session.sid != exclude):
+                        sub.held.append((0, frame))
             sent += n
             nbytes += n * len(frame)
         self.frames_sent += sent

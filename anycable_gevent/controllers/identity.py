@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from urllib.parse import parse_qsl, urlsplit
 
 import jwt
@@ -29,6 +30,9 @@ class JWTIdentifier(Identifier):
         self.param = param
         self.header = "x-" + param.lower()
         self.enforce = enforce
+        # anycable-go accepts any HMAC key length; a short key is reported once in the
+        # startup banner instead of a Python warning on every decode.
+        warnings.filterwarnings("ignore", category=jwt.InsecureKeyLengthWarning)
 
     def token(self, conn: Connection, query: dict[str, str]) -> str:
         return conn.env.headers.get(self.header) or query.get(self.param, "")
