@@ -25,7 +25,8 @@ def verify(signed: str, secret: str) -> str | None:
         return None
     encoded, digest = parts
     expected = hmac.new(secret.encode(), encoded.encode(), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, digest.lower()):
+    # bytes: compare_digest refuses non-ASCII str, and the digest comes from the client
+    if not hmac.compare_digest(expected.encode(), digest.lower().encode()):
         return None
     try:
         value = json.loads(base64.b64decode(encoded, validate=True))
