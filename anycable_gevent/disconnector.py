@@ -14,6 +14,7 @@ import gevent
 from gevent.event import Event
 
 from anycable_gevent.controllers.base import Connection, Controller
+from anycable_gevent.log import conn_ref
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class DisconnectQueue:
     def push(self, conn: Connection, subscriptions: list[str], istates: dict[str, dict[str, str]]) -> None:
         if len(self._queue) >= self.backlog:
             self.dropped += 1
-            log.warning("disconnect queue full, dropping Disconnect call sid=%s", conn.sid)
+            log.warning("disconnect queue full, dropping Disconnect call conn=%s", conn_ref(conn.sid))
             return
         self._queue.append((conn, subscriptions, istates))
         self._wakeup.set()
@@ -52,7 +53,7 @@ class DisconnectQueue:
         try:
             self.controller.disconnect(conn, subscriptions, istates)
         except Exception:
-            log.exception("Disconnect call failed sid=%s", conn.sid)
+            log.exception("Disconnect call failed conn=%s", conn_ref(conn.sid))
 
     def _run(self) -> None:
         interval = 1.0 / self.rate

@@ -1,83 +1,124 @@
 """Logging setup: anycable-go-style ``key=value`` text, or one JSON object per line.
 
-Messages are written as ``"what happened key=value key2=value2"``; the text format
-prints them as they are, the JSON format splits the trailing ``key=value`` pairs into
-fields. Secrets never reach a log line: connections are named by a short non-reversible
-reference (``conn=``) at info level and above; the sid appears only at debug level.
+Log calls write their message as ``"what happened key=value key2=value2"`` with lazy
+``%`` arguments. The text format prints that as it is, after the time and a three-letter
+level, and appends the common fields (``context`` = the module, ``nodeid``, ``pid``). The
+JSON format (``--log_format=json``) emits ``time``, ``level``, ``msg`` and the same fields,
+with the trailing ``key=value`` pairs of the message split into fields of their own.
+
+Secrets never reach a log line at info level or above: a connection is named there by
+:func:`conn_ref` (``conn=``), a short non-reversible digest of its sid, because the sid
+itself restores the session. The sid, frames and HTTP access lines appear at debug only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import secrets
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
-_KV = re.compile(r"\s([A-Za-z_][A-Za-z0-9_]*)=(\"[^\"]*\"|\S*)")
+ROOT = "anycable_gevent"
+
 _LEVELS = {"DEBUG": "DBG", "INFO": "INF", "WARNING": "WRN", "ERROR": "ERR", "CRITICAL": "ERR"}
+#: A ``key=`` that starts a field: at the start of the message or after whitespace.
+_KEY = re.compile(r"(?:^|(?<=\s))([A-Za-z_][A-Za-z0-9_.]*)=")
+_INT = re.compile(r"^-?(0|[1-9][0-9]{0,17})$")
 
 
-def split_fields(message: str) -> tuple[str, dict[str, str]]:
-    """``"text k=v k2=v2"`` -> ``("text", {"k": "v", "k2": "v2"})`` (trailing pairs only)."""
-    fields: dict[str, str] = {}
-    first = None
-    for m in _KV.finditer(message):
-        if first is None:
-            first = m.start()
-        fields[m.group(1)] = m.group(2).strip('"')
-    if first is None:
+def conn_ref(sid: str) -> str:
+    """A connection's name in logs: 8 hex chars of sha256(sid); it cannot be turned back into the sid."""
+    return hashlib.sha256(sid.encode()).hexdigest()[:8]
+
+
+def split_fields(message: str) -> tuple[str, dict[str, Any]]:
+    """``"text k=v k2=two words"`` -> ``("text", {"k": "v", "k2": "two words"})``.
+
+    A value runs up to the next `` key=``, so values with spaces (error messages) stay
+    whole; surrounding double quotes are dropped and plain integers become numbers.
+    """
+    keys = list(_KEY.finditer(message))
+    if not keys:
         return message, {}
-    return message[:first], fields
+    fields: dict[str, Any] = {}
+    for i, m in enumerate(keys):
+        end = keys[i + 1].start() if i + 1 < len(keys) else len(message)
+        value = message[m.end() : end].strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        fields[m.group(1)] = int(value) if _INT.match(value) else value
+    return message[: keys[0].start()].strip(), fields
+
+
+def _one_line(text: str) -> str:
+    # A value taken from a request (a stream name, an error text) must not forge log lines.
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class TextFormatter(logging.Formatter):
+    """``2024-01-25 12:00:00.000 INF message k=v context=node nodeid=ab12cd pid=42``."""
+
     def __init__(self, context: dict[str, str]) -> None:
         super().__init__()
         self.context = " ".join(f"{k}={v}" for k, v in context.items() if v)
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        ms = int(record.msecs)
         level = _LEVELS.get(record.levelname, record.levelname[:3])
-        text = f"{ts}.{ms:03d} {level} {record.getMessage()}"
-        component = record.name.rsplit(".", 1)[-1]
-        text += f" context={component}"
+        parts = [f"{ts}.{int(record.msecs):03d}", level]
+        message = _one_line(record.getMessage())
+        if message:
+            parts.append(message)
+        parts.append("context=" + record.name.rsplit(".", 1)[-1])
         if self.context:
-            text += " " + self.context
+            parts.append(self.context)
+        text = " ".join(parts)
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
 
 
 class JSONFormatter(logging.Formatter):
+    """One object per line: ``time``, ``level``, ``msg``, ``context``, common and message fields."""
+
     def __init__(self, context: dict[str, str]) -> None:
         super().__init__()
         self.context = {k: v for k, v in context.items() if v}
 
     def format(self, record: logging.LogRecord) -> str:
         msg, fields = split_fields(record.getMessage())
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower().replace("warning", "warn"),
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": "warn" if record.levelno == logging.WARNING else record.levelname.lower(),
             "msg": msg,
             "context": record.name.rsplit(".", 1)[-1],
         }
         out.update(self.context)
-        out.update(fields)
+        for key, value in fields.items():
+            # a message field never overwrites the envelope (a field named "time" or "msg")
+            out[key if key not in ("time", "level", "msg") else f"field.{key}"] = value
         if record.exc_info:
             out["error"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        return json.dumps(out, ensure_ascii=False, default=str)
 
 
-def setup(level: str = "info", fmt: str = "text", node_id: str = "", stream: Any = None) -> None:
-    """Configure the ``anycable_gevent`` loggers once (the root logger is left alone)."""
+def setup(level: str = "info", fmt: str = "text", node_id: str = "", stream: TextIO | None = None) -> str:
+    """Configure the ``anycable_gevent`` loggers (the root logger is left alone).
+
+    Returns the node id in use: ``node_id``, or a random 6-character one like anycable-go's.
+    """
+    node_id = node_id or secrets.token_hex(3)
     context = {"nodeid": node_id, "pid": str(os.getpid())}
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JSONFormatter(context) if fmt == "json" else TextFormatter(context))
-    logger = logging.getLogger("anycable_gevent")
+    logger = logging.getLogger(ROOT)
     logger.handlers[:] = [handler]
     logger.setLevel(getattr(logging, level.upper(), logging.INFO))
     logger.propagate = False
+    return node_id

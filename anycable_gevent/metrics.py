@@ -1,14 +1,40 @@
-"""Per-worker counters and gauges with anycable-go's metric names (SPEC §10.5).
+"""Server metrics: counters and gauges with anycable-go's names (SPEC §10.5), and their outputs.
 
-Counting is a dict increment; nothing is exported from the hot path. Gauges are read
-from callbacks when someone asks (a scrape, the periodic log line).
+Counting is a dict increment in the worker that counts; nothing is exported from a hot
+path. Cheap gauges are read from callbacks when someone asks; expensive ones (a walk over
+every object, a read of ``/proc``) are refreshed every ``--stats_refresh_interval``.
+
+Outputs: the Prometheus text (``--metrics_http``), the periodic log line
+(``--metrics_log``), and per-worker snapshot files for several processes serving one port.
+When :data:`DIR_ENV` names a directory, each worker writes its counters and gauges to its
+own file there at every refresh (and at shutdown), and a scrape answered by any worker adds
+up its own live values and the other workers' files: counters of every worker (a worker
+that died keeps contributing what it counted, so totals never go backwards) and gauges of
+the workers still alive. prometheus-client's multiprocess mode was not used because it turns
+every increment into a locked write to a memory-mapped file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
-#: Counter name -> help text (anycable-go names, without the ``anycable_go_`` prefix).
+import gevent
+
+log = logging.getLogger(__name__)
+
+#: Prefix of every exported metric name: anycable-go's, so that dashboards keep working.
+PREFIX = "anycable_go_"
+
+#: Environment variable naming the directory of per-worker snapshot files (empty = off).
+DIR_ENV = "ANYCABLE_GEVENT_METRICS_DIR"
+
+#: Counter name -> help text (anycable-go names, without the prefix).
 COUNTERS: dict[str, str] = {
     "client_msg_total": "The total number of received messages from clients",
     "failed_client_msg_total": "The total number of unrecognized messages received from clients",
@@ -41,55 +67,227 @@ GAUGES: dict[str, str] = {
     "rpc_pending_num": "The number of pending RPC calls",
 }
 
+Values = tuple[dict[str, int], dict[str, float]]
+
 
 class Metrics:
-    def __init__(self) -> None:
+    """The counters and gauges of one worker process.
+
+    ``counters`` is a plain dict on purpose: hot paths may do
+    ``metrics.counters[name] += n`` directly. Everything here runs in the worker's
+    greenlets and never yields, except :meth:`start`'s background loops.
+
+    Args:
+        directory: where this worker writes its snapshot file ('' = single process).
+        worker: the name of this worker's file (default: the pid).
+    """
+
+    def __init__(self, directory: str = "", worker: str | None = None) -> None:
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._gauges: dict[str, Callable[[], float]] = {}
+        #: Gauges too expensive to compute on every read, and their last values.
+        self._slow: dict[str, Callable[[], float]] = {}
+        self._cache: dict[str, float] = {}
         #: Counters kept elsewhere for speed (the hub's), folded in on read.
         self._external: list[Callable[[], dict[str, int]]] = []
+        self.directory = directory
+        self.worker = worker or str(os.getpid())
+        self._loops: list[gevent.Greenlet] = []
+        self._logged: dict[str, int] = {}
 
+    # ------------------------------------------------------------------ recording
     def inc(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
 
-    def gauge(self, name: str, fn: Callable[[], float]) -> None:
-        self._gauges[name] = fn
+    def gauge(self, name: str, fn: Callable[[], float], slow: bool = False) -> None:
+        """Register a gauge read from ``fn``; a ``slow`` one is refreshed periodically."""
+        if slow:
+            self._slow[name] = fn
+            self._gauges.pop(name, None)
+        else:
+            self._gauges[name] = fn
 
     def external(self, fn: Callable[[], dict[str, int]]) -> None:
+        """Register counters kept by another component, added to ours on every read."""
         self._external.append(fn)
 
-    def snapshot(self) -> tuple[dict[str, int], dict[str, float]]:
-        """Current counters and gauge values."""
+    # ------------------------------------------------------------------ reading
+    def snapshot(self) -> Values:
+        """This worker's counters and gauge values, now."""
         counters = dict(self.counters)
         for fn in self._external:
             for k, v in fn().items():
                 counters[k] = counters.get(k, 0) + v
-        gauges = {}
+        gauges: dict[str, float] = {}
         for name, gauge_fn in self._gauges.items():
-            try:
-                gauges[name] = float(gauge_fn())
-            except Exception:  # a broken gauge must not break a scrape
-                gauges[name] = 0.0
+            gauges[name] = _read(name, gauge_fn)
+        for name, gauge_fn in self._slow.items():
+            value = self._cache.get(name)
+            gauges[name] = value if value is not None else self._cache.setdefault(name, _read(name, gauge_fn))
         return counters, gauges
 
+    def collect(self) -> Values:
+        """What a scrape reports: this worker's values plus the other workers' files."""
+        counters, gauges = self.snapshot()
+        if self.directory:
+            others = read_directory(self.directory, exclude=self._path().name)
+            counters, gauges = merge([(counters, gauges), others])
+        return counters, gauges
 
-PREFIX = "anycable_go_"
+    def prometheus(self, tags: Mapping[str, str] | None = None) -> str:
+        counters, gauges = self.collect()
+        return render_prometheus(counters, gauges, tags)
+
+    # ------------------------------------------------------------------ periodic work
+    def refresh(self) -> None:
+        """Recompute the slow gauges and, with a directory, rewrite this worker's file."""
+        for name, fn in self._slow.items():
+            self._cache[name] = _read(name, fn)
+        if self.directory:
+            self.write_file()
+
+    def write_file(self) -> None:
+        counters, gauges = self.snapshot()
+        data = {"pid": os.getpid(), "worker": self.worker, "time": time.time(), "counters": counters, "gauges": gauges}
+        path = self._path()
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+        except OSError as exc:
+            log.warning("cannot write metrics snapshot path=%s error=%s", path, exc)
+
+    def _path(self) -> Path:
+        return Path(self.directory) / f"worker-{self.worker}.json"
+
+    def log_line(self, only: Iterable[str] = ()) -> str:
+        """``name=value`` pairs, alphabetically: counter deltas since the last line, gauges."""
+        counters, gauges = self.snapshot()
+        values: dict[str, float] = {}
+        for name, value in counters.items():
+            values[name] = value - self._logged.get(name, 0)
+        self._logged = counters
+        values.update(gauges)
+        wanted = set(only)
+        return " ".join(f"{k}={_number(v)}" for k, v in sorted(values.items()) if not wanted or k in wanted)
+
+    def start(self, refresh_interval: float, log_interval: float = 0, log_filter: Iterable[str] = ()) -> None:
+        """Spawn the refresh loop and, when ``log_interval`` > 0, the log line loop."""
+        self.refresh()
+        self._loops.append(gevent.spawn(self._every, refresh_interval, self.refresh))
+        if log_interval > 0:
+            only = tuple(log_filter)
+            self._logged = self.snapshot()[0]
+            self._loops.append(gevent.spawn(self._every, log_interval, lambda: log.info("%s", self.log_line(only))))
+
+    def shutdown(self) -> None:
+        for loop in self._loops:
+            loop.kill(block=False)
+        self._loops.clear()
+        if self.directory:
+            self.write_file()  # the final counts survive this worker
+
+    @staticmethod
+    def _every(interval: float, fn: Callable[[], None]) -> None:
+        while True:
+            gevent.sleep(interval)
+            try:
+                fn()
+            except Exception:  # a metrics hiccup must never stop the loop
+                log.exception("metrics update failed")
 
 
-def render_prometheus(metrics: Metrics, tags: dict[str, str] | None = None) -> str:
-    """Prometheus text exposition with anycable-go's names and layout."""
-    counters, gauges = metrics.snapshot()
-    labels = ""
-    if tags:
-        labels = "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(tags.items())) + "}"
+def _read(name: str, fn: Callable[[], float]) -> float:
+    try:
+        return float(fn())
+    except Exception:  # a broken gauge must not break a scrape
+        log.debug("gauge failed name=%s", name, exc_info=True)
+        return 0.0
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# ---------------------------------------------------------------------- several workers
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def read_directory(directory: str, exclude: str = "") -> Values:
+    """Sum the snapshot files in ``directory``: all counters, gauges of live processes only."""
+    parts: list[Values] = []
+    try:
+        paths = sorted(Path(directory).glob("worker-*.json"))
+    except OSError:
+        paths = []
+    for path in paths:
+        if path.name == exclude:
+            continue
+        try:
+            data = json.loads(path.read_text())
+            counters = {str(k): int(v) for k, v in data["counters"].items()}
+            gauges = {str(k): float(v) for k, v in data["gauges"].items()} if pid_alive(int(data["pid"])) else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.debug("skipping metrics snapshot path=%s error=%s", path, exc)
+            continue
+        parts.append((counters, gauges))
+    return merge(parts)
+
+
+def merge(parts: Iterable[Values]) -> Values:
+    counters: dict[str, int] = {}
+    gauges: dict[str, float] = {}
+    for c, g in parts:
+        for k, v in c.items():
+            counters[k] = counters.get(k, 0) + v
+        for k, gv in g.items():
+            gauges[k] = gauges.get(k, 0.0) + gv
+    return counters, gauges
+
+
+# ---------------------------------------------------------------------- Prometheus text
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def parse_tags(items: Iterable[str]) -> dict[str, str]:
+    """``["env:prod", "region:eu"]`` (``--metrics_tags``) -> labels; bad names are cleaned up."""
+    tags: dict[str, str] = {}
+    for item in items:
+        key, _, value = item.partition(":")
+        key = re.sub(r"[^a-zA-Z0-9_]", "_", key.strip())
+        if key and not key[0].isdigit():
+            tags[key] = value.strip()
+    return tags
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_prometheus(
+    counters: Mapping[str, int], gauges: Mapping[str, float], tags: Mapping[str, str] | None = None
+) -> str:
+    """Prometheus text format 0.0.4 in anycable-go's layout: one block per metric,
+    each preceded by an empty line, counters first, ``anycable_go_`` names."""
+    pairs = [f'{k}="{_escape(v)}"' for k, v in sorted((tags or {}).items()) if _LABEL_NAME.match(k)]
+    # anycable-go joins with ", "; the canonical "," is read the same by every parser
+    labels = "{" + ",".join(pairs) + "}" if pairs else ""
     out: list[str] = []
     for name, value in sorted(counters.items()):
-        out.append(
-            f"\n# HELP {PREFIX}{name} {COUNTERS.get(name, name)}\n# TYPE {PREFIX}{name} counter\n{PREFIX}{name}{labels} {value}\n"
-        )
+        full = PREFIX + name
+        out.append(f"\n# HELP {full} {COUNTERS.get(name, name)}\n# TYPE {full} counter\n{full}{labels} {value}\n")
     for name, fvalue in sorted(gauges.items()):
-        text = str(int(fvalue)) if fvalue.is_integer() else repr(fvalue)
-        out.append(
-            f"\n# HELP {PREFIX}{name} {GAUGES.get(name, name)}\n# TYPE {PREFIX}{name} gauge\n{PREFIX}{name}{labels} {text}\n"
-        )
+        full = PREFIX + name
+        out.append(f"\n# HELP {full} {GAUGES.get(name, name)}\n# TYPE {full} gauge\n{full}{labels} {_number(fvalue)}\n")
     return "".join(out)

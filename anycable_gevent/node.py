@@ -183,7 +183,7 @@ class Node:
                 session.write_text(text)
             session.close(protocol.CLOSE_NORMAL, "Auth Failed")
             return False
-        log.warning("authentication error sid=%s error=%s", session.sid, result.error)
+        log.warning("authentication error conn=%s error=%s", session.ref, result.error)
         session.close(protocol.CLOSE_INTERNAL_ERROR, "Auth Error")
         return False
 
@@ -195,7 +195,7 @@ class Node:
             snap: dict[str, Any] = json.loads(raw)
             exp = int(snap.get("exp") or 0)
         except (ValueError, TypeError):
-            log.warning("unreadable session snapshot sid=%s", session.sid)
+            log.warning("unreadable session snapshot conn=%s", session.ref)
             return False
         if exp and exp < time.time():
             log.debug("not restoring a session whose token expired sid=%s", session.sid)
@@ -299,7 +299,7 @@ class Node:
             return
         session.note_interest(result.interest)
         if result.status == Status.ERROR:
-            log.warning("subscribe error sid=%s identifier=%s error=%s", session.sid, identifier, result.error)
+            log.warning("subscribe error conn=%s identifier=%s error=%s", session.ref, identifier, result.error)
             return
         history = cmd.history if cmd.history is not None and not cmd.history.empty else None
         if result.status == Status.SUCCESS:
@@ -320,7 +320,7 @@ class Node:
         result = self.controller.unsubscribe(self.connection(session, cmd.identifier), cmd.identifier)
         session.note_interest(result.interest)
         if result.status == Status.ERROR:
-            log.warning("unsubscribe error sid=%s error=%s", session.sid, result.error)
+            log.warning("unsubscribe error conn=%s error=%s", session.ref, result.error)
             return
         result.stop_streams = True
         self._apply(session, sub, result)
@@ -335,7 +335,7 @@ class Node:
         result = self.controller.perform(self.connection(session, cmd.identifier), cmd.identifier, cmd.data)
         session.note_interest(result.interest)
         if result.status == Status.ERROR:
-            log.warning("perform error sid=%s error=%s", session.sid, result.error)
+            log.warning("perform error conn=%s error=%s", session.ref, result.error)
             return
         if self._apply(session, sub, result):
             self._commit(session)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import resource
 import signal
 import socket
 import time
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 from gevent.event import Event
@@ -24,7 +27,8 @@ from anycable_gevent.config import Config
 from anycable_gevent.controllers import build_controller
 from anycable_gevent.errors import ConfigError
 from anycable_gevent.hub import Hub
-from anycable_gevent.metrics import Metrics
+from anycable_gevent.metrics import DIR_ENV as METRICS_DIR_ENV
+from anycable_gevent.metrics import Metrics, parse_tags
 from anycable_gevent.node import Node
 from anycable_gevent.pubsub import LocalPubSub
 from anycable_gevent.web import Dispatcher, create_broadcast_app, health_app, metrics_app
@@ -33,6 +37,9 @@ from anycable_gevent.ws import CableEndpoint, CableHandler
 log = logging.getLogger("anycable_gevent.main")
 
 LISTEN_BACKLOG = 4096
+
+#: Below this many open files the banner warns (each connection holds one).
+LOW_FILE_LIMIT = 4096
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -67,7 +74,7 @@ class _ErrorLog:
 class Server:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.metrics = Metrics()
+        self.metrics = Metrics(directory=os.environ.get(METRICS_DIR_ENV, ""))
         self.hub = Hub()
         self.broker = build_broker(cfg)
         self.controller = build_controller(cfg)
@@ -79,8 +86,9 @@ class Server:
         self.servers: list[WSGIServer] = []
         self.stopped = Event()
         self._signals = 0
-        self.metrics.gauge("goroutines_num", _greenlets)
-        self.metrics.gauge("mem_sys_bytes", _rss_bytes)
+        # both walk something big (the heap, /proc): refreshed every --stats_refresh_interval
+        self.metrics.gauge("goroutines_num", _greenlets, slow=True)
+        self.metrics.gauge("mem_sys_bytes", _rss_bytes, slow=True)
 
     def _dispatcher(self, port: int) -> Dispatcher:
         d = self.dispatchers.get(port)
@@ -98,7 +106,7 @@ class Server:
             app = create_broadcast_app(cfg, self.node.handle_publication, self.metrics)
             self._dispatcher(cfg.broadcast_port).routes[cfg.http_broadcast_path] = app
         if cfg.metrics_http:
-            tags = dict(t.split(":", 1) for t in cfg.metrics_tags)
+            tags = parse_tags(cfg.metrics_tags)
             self._dispatcher(cfg.metrics_port or cfg.port).routes[cfg.metrics_http] = metrics_app(self.metrics, tags)
 
     @property
@@ -107,8 +115,18 @@ class Server:
 
     def bind(self) -> None:
         for port in self.ports:
-            host = self.cfg.metrics_host if (port == self.cfg.metrics_port and self.cfg.metrics_host) else self.cfg.host
-            self.listeners[port] = bind_socket(host, port)
+            self.listeners[port] = bind_socket(self._host(port), port)
+
+    def _host(self, port: int) -> str:
+        """Bind host of a port: --metrics_host only applies to a port that serves nothing but metrics."""
+        cfg = self.cfg
+        if cfg.metrics_http and cfg.metrics_host and port == cfg.metrics_port and self._metrics_only(port):
+            return cfg.metrics_host
+        return cfg.host
+
+    def _metrics_only(self, port: int) -> bool:
+        d = self.dispatchers.get(port)
+        return d is not None and not d.ws_paths and set(d.routes) == {self.cfg.metrics_http}
 
     # ------------------------------------------------------------------ running
     def serve(self) -> None:
@@ -116,6 +134,11 @@ class Server:
         cfg = self.cfg
         self.announce()
         self.node.start()
+        self.metrics.start(
+            cfg.stats_refresh_interval,
+            cfg.metrics_rotate_interval if cfg.metrics_log else 0,
+            cfg.metrics_log_filter,
+        )
         ssl: dict[str, Any] = {}
         if cfg.ssl_cert:
             ssl = {"certfile": cfg.ssl_cert, "keyfile": cfg.ssl_key}
@@ -156,37 +179,103 @@ class Server:
             server.close()  # stop accepting; open connections carry on
         clients = len(self.node.sessions)
         self.node.shutdown(deadline)
+        self.metrics.shutdown()
         for server in self.servers:
             server.stop(timeout=max(min(deadline - time.monotonic(), 1.0), 0.0))
         log.info("shutdown complete clients=%d", clients)
 
     # ------------------------------------------------------------------ banner
     def announce(self) -> None:
+        """The startup banner: what runs, where it listens, and what is risky (never a secret)."""
         cfg = self.cfg
-        log.info("Starting anycable-gevent %s (pid: %d, workers: %d)", __version__, os.getpid(), cfg.workers)
+        nofile = _open_file_limit()
+        log.info(
+            "Starting anycable-gevent %s (pid: %d, workers: %d, open file limit: %s, python: %s, gevent: %s)",
+            __version__,
+            os.getpid(),
+            cfg.workers,
+            nofile if nofile >= 0 else "unlimited",
+            platform.python_version(),
+            gevent.__version__,
+        )
         log.info("%s", self.broker.announce())
         log.info("%s", self.node.pubsub.announce())
         log.info("controller: %s", self.controller.announce())
+        if cfg.rpc_enabled:
+            log.info(
+                "RPC backend: %s (HTTP, timeout: %gms, concurrency: %d, %s)",
+                _safe_url(cfg.rpc_host),
+                cfg.rpc_timeout * 1000,
+                cfg.rpc_concurrency,
+                "authenticated with a secret" if cfg.rpc_secret else "no secret",
+            )
+        else:
+            log.info("RPC backend: none (%s)", "--norpc" if cfg.norpc or cfg.rpc_impl == "none" else "no --rpc_host")
         scheme = "https" if cfg.ssl_cert else "http"
-        host = cfg.host
+        ws_scheme = "wss" if cfg.ssl_cert else "ws"
         for path in cfg.path:
-            log.info("Handle WebSocket connections at %s://%s:%d%s", scheme, host, cfg.port, path)
+            log.info("Handle WebSocket connections at %s://%s:%d%s", ws_scheme, cfg.host, cfg.port, path)
+        log.info(
+            "Connections: ping every %gs, pong timeout: %s, max message: %d bytes, "
+            "max pending: %s per client, max connections: %s",
+            cfg.ping_interval,
+            f"{cfg.pong_timeout:g}s" if cfg.pong_timeout else "off",
+            cfg.max_message_size,
+            f"{cfg.ws_max_pending_size} bytes" if cfg.ws_max_pending_size else "unlimited",
+            cfg.max_conn or "unlimited",
+        )
         if "http" in cfg.broadcast_adapter:
-            auth = "with a key" if cfg.broadcast_auth_key else "without a key"
             log.info(
                 "Accept broadcasts at %s://%s:%d%s (%s)",
                 scheme,
-                host,
+                self._host(cfg.broadcast_port),
                 cfg.broadcast_port,
                 cfg.http_broadcast_path,
-                auth,
+                "requires Authorization: Bearer <broadcast key>" if cfg.broadcast_auth_key else "no key required",
             )
-        log.info("Handle health checks at %s://%s:%d%s", scheme, host, cfg.port, cfg.health_path)
+        log.info("Handle health checks at %s://%s:%d%s", scheme, cfg.host, cfg.port, cfg.health_path)
         if cfg.metrics_http:
             port = cfg.metrics_port or cfg.port
-            log.info("Serve metrics at %s://%s:%d%s", scheme, cfg.metrics_host or host, port, cfg.metrics_http)
-        for warning in config.warnings(cfg):
+            log.info("Serve metrics at %s://%s:%d%s", scheme, self._host(port), port, cfg.metrics_http)
+        if self.metrics.directory:
+            log.info("Metrics of all workers are summed through %s", self.metrics.directory)
+        if cfg.metrics_log:
+            log.info("Log metrics every %ds", cfg.metrics_rotate_interval)
+        for warning in self.warnings(nofile):
             log.warning("%s", warning)
+
+    def warnings(self, nofile: int) -> list[str]:
+        """Risky settings: config.warnings() plus what only the running process can see."""
+        cfg = self.cfg
+        out = config.warnings(cfg)
+        if cfg.metrics_host and cfg.metrics_http and not self._metrics_only(cfg.metrics_port):
+            out.append(
+                "--metrics_host applies only with a --metrics_port of its own; "
+                f"metrics are served on {cfg.host}:{cfg.metrics_port or cfg.port}"
+            )
+        if 0 <= nofile < LOW_FILE_LIMIT:
+            out.append(
+                f"open file limit is {nofile}: each connection uses one, so at most ~{nofile} clients; "
+                "raise it (ulimit -n, or LimitNOFILE= in the systemd unit)"
+            )
+        return out
+
+
+def _open_file_limit() -> int:
+    """The soft RLIMIT_NOFILE (-1 = unlimited)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return -1 if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _safe_url(url: str) -> str:
+    """A URL without user:password, for logs."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, parts.fragment))
 
 
 def _greenlets() -> int:

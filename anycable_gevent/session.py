@@ -26,6 +26,7 @@ from gevent.socket import wait_write
 from anycable_gevent import protocol
 from anycable_gevent.controllers.base import Env, Interest
 from anycable_gevent.hub import StreamSub
+from anycable_gevent.log import conn_ref
 
 if TYPE_CHECKING:
     from anycable_gevent.metrics import Metrics
@@ -122,7 +123,12 @@ class Session:
         self.ping_bucket: Any = None
 
     def __repr__(self) -> str:
-        return f"<Session sid={self.sid[:6]}…>"
+        return f"<Session conn={self.ref}>"
+
+    @property
+    def ref(self) -> str:
+        """This connection's name in logs at info level and above (the sid is a credential)."""
+        return conn_ref(self.sid)
 
     # ------------------------------------------------------------------ output
     def write(self, frame: bytes) -> None:
@@ -180,7 +186,7 @@ class Session:
         except TimeoutError:
             self.metrics.inc("timeout_server_msg_total")
             self.metrics.inc("failed_server_msg_total")
-            log.info("write timed out, dropping client sid=%s", self.sid)
+            log.info("write timed out, dropping client conn=%s", self.ref)
             self._abort()
             return
         except OSError:
@@ -200,7 +206,7 @@ class Session:
 
     def _too_slow(self) -> None:
         self.metrics.inc("disconnected_slow_clients_total")
-        log.info("client too slow, disconnecting sid=%s pending=%d", self.sid, self._pending)
+        log.info("client too slow, disconnecting conn=%s pending=%d", self.ref, self._pending)
         backlog = self._backlog
         if backlog is not None:
             # keep a partially written frame whole, drop everything queued behind it

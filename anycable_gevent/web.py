@@ -13,7 +13,7 @@ import falcon
 from anycable_gevent import protocol
 from anycable_gevent.config import Config
 from anycable_gevent.errors import ProtocolError
-from anycable_gevent.metrics import Metrics, render_prometheus
+from anycable_gevent.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +118,14 @@ def health_app(environ: dict[str, Any], start_response: StartResponse) -> Iterab
 
 
 def metrics_app(metrics: Metrics, tags: dict[str, str]) -> WSGIApp:
+    """``--metrics_http``: Prometheus text of every worker's metrics, with ``--metrics_tags`` labels."""
+
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        body = render_prometheus(metrics, tags).encode()
+        body = metrics.prometheus(tags).encode()
         start_response(
             "200 OK",
             [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Content-Length", str(len(body)))],
         )
-        return [body]
+        return [body] if environ.get("REQUEST_METHOD") != "HEAD" else []
 
     return app

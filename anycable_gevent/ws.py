@@ -261,13 +261,13 @@ class CableEndpoint:
                 session.flush(CLOSE_GRACE)
                 return
             except MessageTooBig as exc:
-                log.info("closing: %s sid=%s", exc, session.sid)
+                log.info("closing: %s conn=%s", exc, session.ref)
                 metrics.inc("failed_client_msg_total")
                 session.close(protocol.CLOSE_TOO_BIG, "Message too big")
                 self._drain(session, reader)
                 return
             except ProtocolError as exc:
-                log.info("closing: protocol error %s sid=%s", exc, session.sid)
+                log.info("closing: protocol error %s conn=%s", exc, session.ref)
                 session.close(protocol.CLOSE_PROTOCOL_ERROR, "Protocol error")
                 self._drain(session, reader)
                 return
