@@ -10,11 +10,11 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
-from helpers import EXT, Server, jwt_token, pubsub_id, signed_id
+from helpers import EXT, Client, Server, jwt_token, pubsub_id, signed_id
 from jsclient import JS_DIR, JSClient, JSClientError, node_binary
 
 from anycable_gevent.signer import sign
@@ -140,26 +140,38 @@ def test_expired_jwt_closes_the_cable_for_good(jwt_cable: Server, js: Any) -> No
 # ---------------------------------------------------------------------------------- network drop
 
 
-def test_network_drop_restores_the_session_and_catches_up_exactly_once(cable: Server, js: Any) -> None:
-    """SPEC §4.3/§4.9: reconnect with sid=, restored welcome, history instead of subscribe."""
-    stream = unique("restore")
-    ident = pubsub_id(stream)
-    client = js(cable.url, stream=stream, count=5, frames=True, reconnect_delay=100)
-    client.wait_for("subscribed")
-    cable.publish(stream, {"n": 1})
-    client.wait_messages(1)
-
+def go_offline_and_publish(client: JSClient, server: Server, stream: str, numbers: Iterable[int]) -> None:
+    """Cut the client's socket (no close frame), publish while it cannot reconnect, let it back."""
     client.send("offline")  # reconnect attempts wait until "online"
     client.wait_for("offline")
     client.send("drop")
     assert client.wait_for("disconnect")["reason"] == "transport_closed"
-    for n in (2, 3, 4):
-        cable.publish(stream, {"n": n})
-    client.send("online")
+    for n in numbers:
+        server.publish(stream, {"n": n})
 
+
+@pytest.mark.parametrize("auth", ["noauth", "jwt"])
+def test_network_drop_restores_the_session_and_catches_up_exactly_once(
+    auth: str, request: pytest.FixtureRequest, js: Any
+) -> None:
+    """SPEC §4.3/§4.9: reconnect with sid=, restored welcome, history instead of subscribe."""
+    server: Server = request.getfixturevalue("cable" if auth == "noauth" else "jwt_cable")
+    url = server.url
+    if auth == "jwt":
+        token = jwt_token({"ext": json.dumps({"user": "u3"}), "exp": int(time.time()) + 300}, JWT_SECRET)
+        url = f"{server.url}?jid={token}"
+    stream = unique("restore")
+    ident = pubsub_id(stream)
+    client = js(url, stream=stream, count=5, frames=True, reconnect_delay=100)
+    client.wait_for("subscribed")
+    server.publish(stream, {"n": 1})
+    client.wait_messages(1)
+
+    go_offline_and_publish(client, server, stream, (2, 3, 4))
+    client.send("online")
     assert client.wait_for("connected", reconnect=True)["restored"] is True
     client.wait_messages(4)
-    cable.publish(stream, {"n": 5})
+    server.publish(stream, {"n": 5})
     assert client.wait_exit() == 0, client.report()
 
     # The app saw every message exactly once, in order, with positions it can trust.
@@ -167,10 +179,11 @@ def test_network_drop_restores_the_session_and_catches_up_exactly_once(cable: Se
     assert [e["meta"]["offset"] for e in client.of("message")] == [1, 2, 3, 4, 5]
     assert len({e["meta"]["epoch"] for e in client.of("message")}) == 1
 
+    # The reconnect URL keeps the original query (the token) and adds the last sid (fact 1).
     first_open, second_open = client.of("ws_open")
     first_welcome, second_welcome = welcome_frames(client)
-    assert "sid=" not in first_open["url"]
-    assert second_open["url"] == f"{cable.url}?sid={first_welcome['sid']}"
+    assert first_open["url"] == url
+    assert second_open["url"] == f"{url}{'&' if '?' in url else '?'}sid={first_welcome['sid']}"
     assert second_welcome["restored"] is True
     assert second_welcome["restored_ids"] == [ident]
     assert second_welcome["sid"] != first_welcome["sid"]
@@ -189,6 +202,47 @@ def test_network_drop_restores_the_session_and_catches_up_exactly_once(cable: Se
         if isinstance(f, dict) and f.get("type") not in ("ping", "welcome")
     ]
     assert received == [2, 3, 4, "confirm_history", 5], received
+
+
+def test_session_that_cannot_be_restored_falls_back_to_subscribe_with_history(cable: Server, js: Any) -> None:
+    """FRAMES.md "unknown sid": plain welcome, re-subscribe carrying the last positions, no gap."""
+    stream = unique("norestore")
+    ident = pubsub_id(stream)
+    client = js(cable.url, stream=stream, count=4, frames=True, reconnect_delay=100)
+    client.wait_for("subscribed")
+    (welcome,) = welcome_frames(client)
+    cable.publish(stream, {"n": 1})
+    client.wait_messages(1)
+    go_offline_and_publish(client, cable, stream, (2, 3))
+
+    # Someone else restores the session first: a sid restores only once (DESIGN.md).
+    with Client(f"{cable.url}?sid={welcome['sid']}", protocol=EXT) as thief:
+        assert thief.expect_welcome()["restored"] is True
+
+    client.send("online")
+    assert client.wait_for("subscribed", reconnect=True) == {
+        "event": "subscribed",
+        "reconnect": True,
+        "restored": False,
+    }
+    client.wait_messages(3)
+    cable.publish(stream, {"n": 4})
+    assert client.wait_exit() == 0, client.report()
+
+    assert client.messages() == [{"n": n} for n in (1, 2, 3, 4)]
+    assert [e["meta"]["offset"] for e in client.of("message")] == [1, 2, 3, 4]
+    _, second_open = client.of("ws_open")
+    assert "restored" not in welcome_frames(client)[1]
+    sent = client.frames_since(second_open, "out")
+    assert [(f["command"], f["identifier"]) for f in sent] == [("subscribe", ident)], sent
+    epoch = client.of("message")[0]["meta"]["epoch"]
+    assert sent[0]["history"]["streams"] == {stream: {"epoch": epoch, "offset": 1}}
+    received = [
+        f.get("offset") if "message" in f else f.get("type")
+        for f in client.frames_since(second_open, "in")
+        if isinstance(f, dict) and f.get("type") not in ("ping", "welcome")
+    ]
+    assert received == ["confirm_subscription", 2, 3, "confirm_history", 4], received
 
 
 # ---------------------------------------------------------------------------------- server-initiated
