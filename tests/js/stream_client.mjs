@@ -15,7 +15,8 @@
 // Extra flags, all optional (the contract above stays as it is without them):
 //   --frames              also print {"event":"frame","dir":"out"|"in","data":<frame>} for every
 //                         WebSocket frame, {"event":"ws_open","url":...,"protocol":...} when a socket
-//                         connects and {"event":"ws_close","code":N} when it closes
+//                         connects, {"event":"ws_close","code":N} when it closes and
+//                         {"event":"ws_error","error":...} when it fails (refused, bad handshake)
 //   --reconnect-delay MS  fixed reconnect delay instead of the default backoff (3 s and up)
 //   --linger SECONDS      after a fatal error keep running (and reporting) this long before exiting
 //   --control             read commands from stdin, one JSON object per line:
@@ -38,7 +39,13 @@ import WebSocket from 'ws'
 // One synchronous write per line: the reader is a Python test polling stdout line by line
 // while this process runs, and process.exit() must not lose a buffered line.
 function emit(obj) {
-  writeSync(1, JSON.stringify(obj) + '\n')
+  try {
+    writeSync(1, JSON.stringify(obj) + '\n')
+  } catch (err) {
+    // Nobody reads us any more: nothing left to report to.
+    if (err.code === 'EPIPE') process.exit(1)
+    throw err
+  }
 }
 
 const USAGE =
@@ -117,6 +124,7 @@ class RecordingWebSocket extends WebSocket {
     this.on('open', () => emit({ event: 'ws_open', url, protocol: this.protocol }))
     this.on('message', data => emit({ event: 'frame', dir: 'in', data: decode(data) }))
     this.on('close', code => emit({ event: 'ws_close', code }))
+    this.on('error', err => emit({ event: 'ws_error', error: String(err && err.message) }))
   }
 
   send(data, ...rest) {
