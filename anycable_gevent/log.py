@@ -122,3 +122,21 @@ def setup(level: str = "info", fmt: str = "text", node_id: str = "", stream: Tex
     logger.setLevel(getattr(logging, level.upper(), logging.INFO))
     logger.propagate = False
     return node_id
+
+
+def describe_frame(frame: bytes | memoryview) -> str:
+    """A server frame (unmasked, as :func:`anycable_gevent.protocol.ws_frame` builds it), for debug logs."""
+    data = bytes(frame[:1040])
+    if len(data) < 2:
+        return f"bytes={len(frame)}"
+    opcode = data[0] & 0x0F
+    n = data[1] & 0x7F
+    start = 2 + (2 if n == 126 else 8 if n == 127 else 0)
+    payload = data[start:]
+    if opcode in (0x1, 0x2):
+        return "frame=" + _one_line(payload[:1024].decode("utf-8", "replace"))
+    if opcode == 0x8:
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 0
+        reason = _one_line(payload[2:].decode("utf-8", "replace")).replace('"', "'")
+        return f'close={code} reason="{reason}"'
+    return {0x9: "native=ping", 0xA: "native=pong"}.get(opcode, f"opcode={opcode}")

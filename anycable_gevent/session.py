@@ -26,7 +26,7 @@ from gevent.socket import wait_write
 from anycable_gevent import protocol
 from anycable_gevent.controllers.base import Env, Interest
 from anycable_gevent.hub import StreamSub
-from anycable_gevent.log import conn_ref
+from anycable_gevent.log import conn_ref, describe_frame
 
 if TYPE_CHECKING:
     from anycable_gevent.metrics import Metrics
@@ -303,3 +303,14 @@ class Session:
             "disconnectable": self.interest,
             "exp": self.expires_at,
         }
+
+
+class DebugSession(Session):
+    """A session that logs every frame it sends (``--debug``). Chosen per connection at
+    upgrade, so that the normal write path carries no logging check."""
+
+    __slots__ = ()
+
+    def write(self, frame: bytes) -> None:
+        log.debug("outgoing frame conn=%s sid=%s %s", self.ref, self.sid, describe_frame(frame))
+        Session.write(self, frame)

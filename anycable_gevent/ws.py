@@ -24,7 +24,7 @@ from anycable_gevent.controllers.identity import query_params
 from anycable_gevent.errors import MessageTooBig, ProtocolError
 from anycable_gevent.metrics import Metrics
 from anycable_gevent.node import Node, new_sid
-from anycable_gevent.session import CLOSE_GRACE, Session
+from anycable_gevent.session import CLOSE_GRACE, DebugSession, Session
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,8 @@ class CableEndpoint:
         chosen = environ.get("anycable.protocol")
         remote = environ.get("REMOTE_ADDR", "")
         env = self.env(environ, remote)
-        session = Session(
+        # --debug: a session class that logs each outgoing frame (the normal one never checks)
+        session = (DebugSession if log.isEnabledFor(logging.DEBUG) else Session)(
             new_sid(),
             sock,
             env,
@@ -278,7 +279,7 @@ class CableEndpoint:
             if session.closing:
                 continue
             if debug:
-                log.debug("incoming frame sid=%s frame=%s", session.sid, payload[:1024])
+                log.debug("incoming frame sid=%s frame=%s", session.sid, payload[:1024].decode("utf-8", "replace"))
             node.handle_frame(session, payload)
 
     @staticmethod
