@@ -14,6 +14,7 @@ again in that bucket continues above the floor instead of restarting at 1.
 from __future__ import annotations
 
 import heapq
+import itertools
 import secrets
 import time
 import zlib
@@ -37,13 +38,35 @@ def new_epoch() -> str:
 
 
 class _Stream:
-    __slots__ = ("offset", "entries", "deadline", "scheduled")
+    """One stream's counter and history.
 
-    def __init__(self, offset: int) -> None:
+    History entries are ``(data, ts)`` pairs; their offsets are implied by position
+    (the last entry has ``offset``, the ones before it count down), which keeps a
+    stored message at its payload plus ~70 bytes.
+    """
+
+    __slots__ = ("name", "offset", "entries", "deadline", "scheduled")
+
+    def __init__(self, name: str, offset: int) -> None:
+        self.name = name
         self.offset = offset
-        self.entries: deque[StreamMessage] = deque()
+        self.entries: deque[tuple[str, int]] = deque()
         self.deadline = 0.0
         self.scheduled = False
+
+    @property
+    def low(self) -> int:
+        """Offset of the oldest stored message (0 when none is stored)."""
+        return self.offset - len(self.entries) + 1 if self.entries else 0
+
+    def messages(self, start: int, epoch: str) -> list[StreamMessage]:
+        """Stored messages from index ``start`` on, as StreamMessages."""
+        name = self.name
+        first = self.offset - len(self.entries) + 1
+        return [
+            StreamMessage(stream=name, data=data, offset=first + i, epoch=epoch, ts=ts)
+            for i, (data, ts) in enumerate(itertools.islice(self.entries, start, None), start)
+        ]
 
 
 class _Session:
@@ -76,6 +99,8 @@ class MemoryBroker(Broker):
         self._sessions: dict[str, _Session] = {}
         self._session_timers: list[tuple[float, str]] = []
         self._sweeper: gevent.Greenlet | None = None
+        # one int object per second for all messages registered in it
+        self._ts = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -108,18 +133,22 @@ class MemoryBroker(Broker):
         if msg.transient:
             return
         now = self.clock()
+        ts = int(now)
+        if ts != self._ts:
+            self._ts = ts
+        ts = self._ts
         name = msg.stream
         stream = self._streams.get(name)
         if stream is None:
-            stream = self._streams[name] = _Stream(self._floors[self._bucket(name)])
+            stream = self._streams[name] = _Stream(name, self._floors[self._bucket(name)])
         stream.offset += 1
         msg.offset = stream.offset
         msg.epoch = self.epoch
-        msg.ts = int(now)
+        msg.ts = ts
         stream.deadline = now + STREAM_LIFETIME_TTLS * self.history_ttl
         if self.history_limit > 0:
             entries = stream.entries
-            entries.append(msg)
+            entries.append((msg.data, ts))
             if len(entries) > self.history_limit:
                 entries.popleft()
         if not stream.scheduled:
@@ -140,20 +169,22 @@ class MemoryBroker(Broker):
             raise HistoryError("offset not found (ahead of the stream)")
         if offset == s.offset:
             return []
-        entries = s.entries
-        if not entries:
+        if not s.entries:
             raise HistoryError("stream history has expired")
-        low = entries[0].offset
+        low = s.low
         # Relaxed rule (DESIGN.md): reject only when a message after `offset` is gone.
         if offset + 1 < low:
             raise HistoryError("offset not found (messages after it have expired)")
-        return [m for m in entries if m.offset > offset]
+        return s.messages(offset + 1 - low, self.epoch)
 
     def history_since(self, stream: str, since: int) -> list[StreamMessage]:
         s = self._streams.get(stream)
         if s is None:
             return []
-        return [m for m in s.entries if m.ts >= since]
+        for start, (_, ts) in enumerate(s.entries):
+            if ts >= since:
+                return s.messages(start, self.epoch)
+        return []
 
     def head(self, stream: str) -> int:
         s = self._streams.get(stream)
@@ -207,10 +238,10 @@ class MemoryBroker(Broker):
             if s is None:
                 continue
             entries = s.entries
-            while entries and entries[0].ts < cutoff:
+            while entries and entries[0][1] < cutoff:
                 entries.popleft()
             if entries:
-                heapq.heappush(timers, (entries[0].ts + self.history_ttl + 1, name))
+                heapq.heappush(timers, (entries[0][1] + self.history_ttl + 1, name))
             elif s.deadline <= now:
                 del self._streams[name]
                 bucket = self._bucket(name)
