@@ -71,19 +71,22 @@ def welcome_frames(client: JSClient) -> list[dict[str, Any]]:
 
 def test_stream_from_receives_broadcasts_in_order_with_meta(cable: Server, js: Any) -> None:
     stream = unique("order")
-    client = js(cable.url, stream=stream, count=3, protocol=EXT)
+    client = js(cable.url, stream=stream, count=5, protocol=EXT)
     assert client.wait_for("connected")["reconnect"] is False
     client.wait_for("subscribed")
-    payloads: list[Any] = [{"n": 1}, "two", [3, "three"]]
-    for data in payloads:
+    payloads: list[Any] = [{"n": 1}, "two", [3, "three"], {"n": 4}, {"n": 5}]
+    for data in payloads[:3]:
         cable.publish(stream, data)
+    # A batch is delivered in array order, after what came before it.
+    status, _ = cable.broadcast([{"stream": stream, "data": json.dumps(data)} for data in payloads[3:]])
+    assert status == 201
     assert client.wait_exit() == 0, client.report()
 
     assert client.messages() == payloads
     metas = [e["meta"] for e in client.of("message")]
     epoch = metas[0]["epoch"]
     assert isinstance(epoch, str) and epoch
-    assert metas == [{"stream": stream, "epoch": epoch, "offset": n} for n in (1, 2, 3)]
+    assert metas == [{"stream": stream, "epoch": epoch, "offset": n} for n in (1, 2, 3, 4, 5)]
 
 
 def test_signed_stream(cable: Server, js: Any) -> None:
