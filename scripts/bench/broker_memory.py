@@ -79,7 +79,7 @@ def main() -> None:
         for _ in range(args.messages):
             for s in range(args.streams):
                 n += 1
-                data = '{"seq":%07d,"pad":"%s"}' % (n, secrets.token_hex(pad // 2 + 1)[:pad])
+                data = f'{{"seq":{n:07d},"pad":"{secrets.token_hex(pad // 2 + 1)[:pad]}"}}'
                 broker.register(StreamMessage(stream=f"stream-{s}", data=data))
 
     def fill_sessions() -> None:
