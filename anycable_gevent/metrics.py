@@ -118,7 +118,8 @@ class Metrics:
         for fn in self._external:
             for k, v in fn().items():
                 counters[k] = counters.get(k, 0) + v
-        gauges: dict[str, float] = {}
+        # every known gauge is exported, like anycable-go's (0 when its component is off)
+        gauges: dict[str, float] = dict.fromkeys(GAUGES, 0.0)
         for name, gauge_fn in self._gauges.items():
             gauges[name] = _read(name, gauge_fn)
         for name, gauge_fn in self._slow.items():
