@@ -77,7 +77,7 @@ class Server:
         self.metrics = Metrics(directory=os.environ.get(METRICS_DIR_ENV, ""))
         self.hub = Hub()
         self.broker = build_broker(cfg)
-        self.controller = build_controller(cfg)
+        self.controller = build_controller(cfg, self.metrics)
         self.node = Node(cfg, self.controller, self.broker, self.hub, self.metrics, LocalPubSub)
         self.endpoint = CableEndpoint(cfg, self.node, self.metrics)
         self.dispatchers: dict[int, Dispatcher] = {}

@@ -10,6 +10,7 @@ from anycable_gevent.controllers.base import ChannelController, Controller, Iden
 from anycable_gevent.controllers.chain import ControllerChain
 from anycable_gevent.controllers.identity import JWTIdentifier, PublicIdentifier
 from anycable_gevent.controllers.streams import PubSubChannel, SignedChannel
+from anycable_gevent.metrics import Metrics
 
 #: Default controllers by name ("module:Class"), imported lazily.
 BACKENDS = {
@@ -23,8 +24,11 @@ def _load(name: str) -> type[Controller]:
     return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
 
 
-def build_controller(cfg: Config) -> Controller:
-    """The controller chain for ``cfg`` (constructed only; ``start()`` connects)."""
+def build_controller(cfg: Config, metrics: Metrics | None = None) -> Controller:
+    """The controller chain for ``cfg`` (constructed only; ``start()`` connects).
+
+    ``metrics`` receives the RPC counters and the ``rpc_pending_num`` gauge.
+    """
     identifiers: list[Identifier] = []
     if cfg.jwt_key:
         identifiers.append(JWTIdentifier(cfg.jwt_key, cfg.jwt_param, cfg.enforce_jwt))
@@ -40,7 +44,7 @@ def build_controller(cfg: Config) -> Controller:
     if cfg.cable_ready and cfg.cable_ready_key:
         channels[protocol.CABLE_READY_CHANNEL] = SignedChannel(cfg.cable_ready_key, "identifier")
     if cfg.rpc_enabled:
-        default = _load("http")(cfg)  # type: ignore[call-arg]
+        default = _load("http")(cfg, metrics)  # type: ignore[call-arg]
     else:
         default = _load("none")()
     return ControllerChain(default, identifiers, channels)
