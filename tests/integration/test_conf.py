@@ -1,0 +1,112 @@
+"""The shipped configuration: conf/anycable.conf and README's option table are generated
+from the settings table and current; the server starts with the sample; the systemd unit
+matches the server's shutdown and exit codes."""
+
+from __future__ import annotations
+
+import configparser
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from helpers import ROOT, Server
+
+from anycable_gevent import cli, config
+
+CONF = ROOT / "conf" / "anycable.conf"
+UNIT = ROOT / "conf" / "anycable-gevent.service"
+
+
+def gen_config() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_config", ROOT / "scripts" / "gen_config.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def uncommented(text: str) -> str:
+    """The sample with every ``# key = value`` line made active."""
+    return "\n".join(line[2:] if re.match(r"^# [a-z_]+ =", line) else line for line in text.splitlines())
+
+
+def test_sample_config_is_current() -> None:
+    assert CONF.read_text() == gen_config().render_conf(), "run scripts/gen_config.py"
+
+
+def test_readme_option_table_is_current() -> None:
+    readme = (ROOT / "README.rst").read_text()
+    assert gen_config().readme_with_table(readme) == readme, "run scripts/gen_config.py --readme"
+
+
+def test_readme_lists_every_option() -> None:
+    readme = (ROOT / "README.rst").read_text()
+    for row in config.settings_table():
+        assert f"``--{row['name']}``" in readme, row["name"]
+        assert f"``{config.env_name(row['name'])}``" in readme, row["name"]
+
+
+def test_sample_lists_every_option_with_its_default() -> None:
+    text = CONF.read_text()
+    for row in config.settings_table():
+        line = f"# {row['name']} = {config.format_default(row['default'])}".rstrip()
+        assert re.search(rf"^{re.escape(line)}$", text, re.M), line
+
+
+def test_every_sample_line_parses_to_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "all.conf"
+    path.write_text(uncommented(CONF.read_text()))
+    assert config.load(["--config", str(path)], {}) == config.Config()
+
+
+@pytest.mark.parametrize("variant", ["as shipped", "every option set"])
+def test_server_starts_with_the_sample(make_server: type[Server], tmp_path: Path, variant: str) -> None:
+    path = CONF
+    if variant == "every option set":
+        path = tmp_path / "anycable.conf"
+        path.write_text(uncommented(CONF.read_text()))
+    # the harness adds --host/--port/--http_broadcast_port on the command line, which beat the file
+    s = make_server("--config", str(path), "--noauth").start()
+    assert s.get("/health")[0] == 200
+    assert "broker: memory" in s.output()
+
+
+# ---------------------------------------------------------------- systemd
+
+
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def test_systemd_unit_runs_the_server_with_the_config_file() -> None:
+    service = unit()["Service"]
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0].endswith("/anycable-gevent")
+    assert argv[1:] == ["--config", "/etc/anycable-gevent/anycable.conf"]
+    assert service["EnvironmentFile"].lstrip("-") == "/etc/anycable-gevent/env"
+    assert service["Restart"] == "on-failure"
+    assert int(service["LimitNOFILE"]) >= 65536
+    assert unit()["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_systemd_unit_stops_gracefully() -> None:
+    service = unit()["Service"]
+    defaults = config.Config()
+    assert service["KillSignal"] == "SIGTERM"
+    # systemd must not SIGKILL a server that is still inside its graceful shutdown
+    assert int(service["TimeoutStopSec"]) > defaults.shutdown_timeout + defaults.shutdown_delay
+    # a configuration error is not retried in a loop
+    assert service["RestartPreventExitStatus"] == str(cli.EXIT_CONFIG)
+
+
+def test_server_accepts_the_units_command_line(make_server: type[Server]) -> None:
+    argv = shlex.split(unit()["Service"]["ExecStart"])[1:]
+    argv[argv.index("/etc/anycable-gevent/anycable.conf")] = str(CONF)
+    s = make_server(*argv, "--noauth").start()
+    assert s.get("/health")[0] == 200
