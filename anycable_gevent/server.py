@@ -32,7 +32,7 @@ from anycable_gevent.metrics import Metrics, parse_tags
 from anycable_gevent.node import Node
 from anycable_gevent.pubsub import LocalPubSub
 from anycable_gevent.web import Dispatcher, create_broadcast_app, health_app, metrics_app
-from anycable_gevent.ws import CableEndpoint, CableHandler
+from anycable_gevent.ws import CableEndpoint, CableHandler, CableServer
 
 log = logging.getLogger("anycable_gevent.main")
 
@@ -143,7 +143,7 @@ class Server:
         if cfg.ssl_cert:
             ssl = {"certfile": cfg.ssl_cert, "keyfile": cfg.ssl_key}
         for port, listener in self.listeners.items():
-            server: Any = WSGIServer(  # type: ignore[call-overload]
+            server: Any = CableServer(
                 listener,
                 self.dispatchers[port],
                 handler_class=CableHandler,

@@ -122,6 +122,11 @@ class Session:
         self.hold_timer: gevent.Greenlet | None = None
         self.ping_bucket: Any = None
 
+    @property
+    def direct(self) -> bool:
+        """Writes go straight to a plain (non-TLS) socket."""
+        return self._send is not None
+
     def __repr__(self) -> str:
         return f"<Session conn={self.ref}>"
 

@@ -15,6 +15,8 @@ import struct
 from typing import Any
 from urllib.parse import urlsplit
 
+import gevent
+from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
 from anycable_gevent import __version__, protocol
@@ -28,8 +30,10 @@ from anycable_gevent.session import CLOSE_GRACE, DebugSession, Session
 
 log = logging.getLogger(__name__)
 
-#: Read buffer of each connection (anycable-go uses 1 KiB too); the default would be 8 KiB.
+#: Buffer of the HTTP request reader (anycable-go uses 1 KiB too); the default would be 8 KiB.
 READ_BUFFER = 1024
+#: Largest single read of WebSocket data.
+READ_CHUNK = 16384
 
 _unpack_short = struct.Struct("!H").unpack
 _unpack_long = struct.Struct("!Q").unpack
@@ -96,27 +100,77 @@ class CableHandler(WebSocketHandler):
             headers.append(("X-AnyCable-Version", __version__))
         return super().start_response(status, headers, exc_info)
 
+    def run_websocket(self) -> None:
+        # gevent-websocket also records every connection in ``server.clients``; nothing
+        # here reads that map, so skip it (one object and a dict entry per connection).
+        try:
+            list(self.application(self.environ, lambda status, headers, exc_info=None: []))
+        finally:
+            self.websocket = None
+
     def log_request(self) -> None:
         if "101" not in str(self.status):
             log.debug("%s", self.format_request())
 
 
+class CableServer(WSGIServer):
+    """A pywsgi server whose WebSocket connections outlive their WSGI handler.
+
+    Once a connection is upgraded, :class:`CableEndpoint` takes the socket over and
+    serves it from a fresh greenlet, and the WSGI handler finishes at once. An idle
+    connection then holds only its session, its socket and a shallow greenlet, not the
+    handler, the environ and a deep stack (see README: memory per connection).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: ids of client sockets taken over by a session: not closed when the handler ends
+        self.detached: set[int] = set()
+
+    def do_close(self, sock: Any, *args: Any) -> None:
+        if id(sock) in self.detached:
+            self.detached.discard(id(sock))
+            return
+        super().do_close(sock, *args)
+
+
 class FrameReader:
-    """Reads client messages from a connection's buffered reader."""
+    """Reads client messages straight from the socket, with its own small buffer.
 
-    __slots__ = ("read", "max_size", "on_ping", "on_pong")
+    Reading the socket directly (not through the handler's ``BufferedReader``) keeps
+    the greenlet's stack shallow where it waits, and that stack is copied to the heap
+    for every idle connection.
+    """
 
-    def __init__(self, rfile: Any, max_size: int, on_ping: Any, on_pong: Any) -> None:
-        self.read = rfile.read
+    __slots__ = ("recv", "buf", "pos", "max_size", "on_ping", "on_pong")
+
+    def __init__(self, sock: Any, pending: bytes, max_size: int, on_ping: Any, on_pong: Any) -> None:
+        self.recv = sock.recv
+        self.buf = pending
+        self.pos = 0
         self.max_size = max_size
         self.on_ping = on_ping
         self.on_pong = on_pong
 
     def _exact(self, n: int) -> bytes:
-        data = self.read(n)
-        if len(data) != n:
-            raise EOFError
-        return bytes(data)
+        buf, pos = self.buf, self.pos
+        end = pos + n
+        if end > len(buf):
+            parts = [buf[pos:]]
+            have = len(buf) - pos
+            while have < n:
+                chunk = self.recv(max(n - have, READ_CHUNK))
+                if not chunk:
+                    raise EOFError
+                parts.append(chunk)
+                have += len(chunk)
+            buf = b"".join(parts)
+            pos, end = 0, n
+        if end == len(buf):
+            self.buf, self.pos = b"", 0  # nothing left: keep no chunk alive while idle
+        else:
+            self.buf, self.pos = buf, end
+        return buf[pos:end]
 
     def _control(self, op: int, fin: int, length: int) -> None:
         if not fin or length > 125:
@@ -233,22 +287,44 @@ class CableEndpoint:
             self.cfg.ws_max_pending_size,
             self.cfg.ws_write_timeout,
         )
-        # The request is parsed: drop what the handler keeps for plain HTTP.
-        handler.headers = None
+        node = self.node
+        reader = FrameReader(
+            sock,
+            _release_http_state(handler, ws, environ),
+            self.cfg.max_message_size,
+            lambda payload: session.write(protocol.ws_frame(payload, protocol.OP_PONG)),
+            lambda: node.note_activity(session),
+        )
+        server = handler.server
+        detached = getattr(server, "detached", None)
+        if detached is not None and session.direct:
+            # Take the socket over: pywsgi must neither drain nor close it when the
+            # handler returns (its cleanup is skipped for handler.socket = None and
+            # CableServer.do_close skips detached sockets). TLS sockets stay put.
+            handler.socket = None
+            detached.add(id(sock))
+            gevent.spawn_raw(self.serve, session, reader, True)
+            return
+        self.serve(session, reader, False)
+
+    def serve(self, session: Session, reader: FrameReader, owned: bool) -> None:
+        """Authenticate, then read until the connection ends (the connection's greenlet).
+
+        ``owned``: the socket was taken over from pywsgi and is closed here.
+        """
         node = self.node
         try:
-            reader = FrameReader(
-                handler.rfile,
-                self.cfg.max_message_size,
-                lambda payload: session.write(protocol.ws_frame(payload, protocol.OP_PONG)),
-                lambda: node.note_activity(session),
-            )
             if node.open(session):
                 self._read_loop(session, reader)
             else:
                 self._drain(session, reader)
         finally:
             node.close(session)
+            if owned:
+                try:
+                    session.sock.close()
+                except OSError:
+                    pass
 
     def _read_loop(self, session: Session, reader: FrameReader) -> None:
         node = self.node
@@ -290,6 +366,38 @@ class CableEndpoint:
                 reader.message()
             except (ClosedByPeer, EOFError, OSError, ProtocolError):
                 return
+
+
+def _release_http_state(handler: Any, ws: Any, environ: dict[str, Any]) -> bytes:
+    """Free what the WSGI handler keeps for plain HTTP; return bytes it had already read.
+
+    An idle connection should cost as little as possible: the request headers, the
+    environ and the buffered reader are not needed once the WebSocket is open. A
+    client may have sent a frame right behind its handshake; whatever the reader had
+    buffered is returned so the frame reader starts with it.
+    """
+    rfile = handler.rfile
+    sock = handler.socket
+    pending = b""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # peek must not wait for data that is not there yet
+    try:
+        pending = rfile.peek(READ_BUFFER) or b""
+        if pending:
+            rfile.read(len(pending))
+    except OSError:
+        pending = b""
+    finally:
+        sock.settimeout(timeout)
+    handler.headers = None
+    handler.response_headers = None
+    handler.rfile = None
+    wsgi_input = getattr(handler, "wsgi_input", None)
+    if wsgi_input is not None:
+        wsgi_input.rfile = None
+    ws.stream = ws.raw_read = ws.raw_write = None
+    environ.clear()
+    return bytes(pending)
 
 
 def filter_cookies(header: str, allowed: list[str]) -> str:
