@@ -58,7 +58,10 @@ class BroadcastResource:
         if length is not None and length > self.max_body:
             _error(resp, falcon.HTTP_413, "body too large", f"limit is {self.max_body} bytes")
             return
-        body = req.bounded_stream.read(self.max_body + 1)
+        # Without Content-Length (chunked upload) falcon's bounded stream reads nothing;
+        # the server's input stream decodes the chunks, and the limit still applies.
+        stream = req.bounded_stream if length is not None else req.stream
+        body = stream.read(self.max_body + 1)
         if len(body) > self.max_body:
             _error(resp, falcon.HTTP_413, "body too large", f"limit is {self.max_body} bytes")
             return
