@@ -1,0 +1,440 @@
+"""HTTP RPC against a real AnyCable RPC implementation (@anycable/serverless-js, tests/js/rpc_server.mjs).
+
+The server runs with ``--secret`` (so the backend checks the derived RPC secret and the
+application broadcasts with the derived broadcast key, as anycable-rails does) and
+``--headers=cookie,x-api-token``. What the backend received and what its callbacks saw is
+read back from the backend itself. Tests that count Disconnect calls stop their own server
+with SIGTERM first: a graceful shutdown sends every queued call, so the count is final.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import signal
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import websocket
+from helpers import BASE, EXT, Client, Server, free_port
+from rpc_backend import JSBackend, wait_until
+
+SECRET = "rpc-test-secret-0123456789abcdef-xyz"
+
+
+def derived(phrase: str) -> str:
+    return hmac.new(SECRET.encode(), phrase.encode(), hashlib.sha256).hexdigest()
+
+
+RPC_SECRET = derived("rpc-cable")
+BROADCAST_KEY = derived("broadcast-cable")
+
+
+def ident(room: str) -> str:
+    return json.dumps({"channel": "ChatChannel", "room": room}, separators=(",", ":"))
+
+
+def unique(prefix: str = "r") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def perform(c: Client, identifier: str, action: str, **data: Any) -> None:
+    c.send({"command": "message", "identifier": identifier, "data": json.dumps({"action": action, **data})})
+
+
+def sync(c: Client, identifier: str) -> dict[str, Any]:
+    """Wait until every command sent before has been applied (commands run in order)."""
+    perform(c, identifier, "whoami")
+    return recv_message(c)
+
+
+def recv_message(c: Client) -> dict[str, Any]:
+    """The next frame that is not a "user left" broadcast (those come from other connections'
+    ``unsubscribed`` callbacks, whenever their Disconnect calls run)."""
+    while True:
+        msg = c.recv()
+        if not (isinstance(msg.get("message"), dict) and "left" in msg["message"]):
+            return msg
+
+
+def frames_within(c: Client, wait: float) -> list[dict[str, Any]]:
+    """Every non-ping frame that arrives within ``wait`` seconds."""
+    frames = []
+    while True:
+        try:
+            frames.append(c.recv(wait))
+        except TimeoutError:
+            return frames
+
+
+def close_of(c: Client, timeout: float = 10.0) -> tuple[int | None, str, list[dict[str, Any]]]:
+    """Read until the server's close frame: (code, reason, JSON frames before it, pings skipped)."""
+    frames: list[dict[str, Any]] = []
+    c.ws.settimeout(timeout)
+    while True:
+        try:
+            opcode, data = c.ws.recv_data(control_frame=True)
+        except websocket.WebSocketConnectionClosedException:
+            return None, "", frames
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+            return code, data[2:].decode(), frames
+        if opcode == websocket.ABNF.OPCODE_TEXT:
+            msg = json.loads(data)
+            if msg.get("type") != "ping":
+                frames.append(msg)
+
+
+class Cable:
+    """A server wired to a serverless-js backend (both started, both stopped)."""
+
+    def __init__(self, *args: str, backend: JSBackend | None = None) -> None:
+        self.server = Server(f"--secret={SECRET}", "--headers=cookie,x-api-token", *args)
+        self.own_backend = backend is None
+        self.backend = backend or JSBackend(self.server.broadcast_url, BROADCAST_KEY, RPC_SECRET)
+
+    def __enter__(self) -> Cable:
+        if self.own_backend:
+            self.backend.start()
+        self.server.args.append(f"--rpc_host={self.backend.rpc_host}")
+        try:
+            self.server.start()
+        except BaseException:
+            self.backend.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.__exit__(*exc)
+        if self.own_backend:
+            self.backend.stop()
+
+    def client(self, query: str = "", protocol: str | None = EXT, **kwargs: Any) -> Client:
+        return Client(self.server.url + query, protocol=protocol, **kwargs)
+
+    def user(self, name: str, protocol: str | None = EXT) -> Client:
+        """A client identified by ``?token=tok-<name>``, welcome received."""
+        c = self.client(f"?token=tok-{name}", protocol)
+        c.expect_welcome()
+        return c
+
+    def publish(self, stream: str, data: Any) -> None:
+        status, body = self.server.broadcast({"stream": stream, "data": json.dumps(data)}, key=BROADCAST_KEY)
+        assert status == 201, (status, body)
+
+
+@pytest.fixture(scope="module")
+def cable() -> Iterator[Cable]:
+    with Cable("--sessions_ttl=60") as c:
+        yield c
+
+
+# ---------------------------------------------------------------------- connect
+
+
+@pytest.mark.parametrize(
+    ("how", "query", "headers"),
+    [
+        ("param", "?token=tok-ann", {}),
+        ("header", "", {"X-Api-Token": "tok-ann"}),
+        ("cookie", "", {"Cookie": "username=ann"}),
+    ],
+)
+def test_connect_accepted(cable: Cable, how: str, query: str, headers: dict[str, str]) -> None:
+    with cable.client(query, headers=headers) as c:
+        welcome = c.expect_welcome()
+        sid = welcome["sid"]
+        assert welcome == {"type": "welcome", "sid": sid} and sid
+        [call] = cable.backend.calls("connect", sid)
+        assert call["protov"] == "v1"
+        assert call["content_type"] == "application/json"
+        assert call["authorization"] == f"Bearer {RPC_SECRET}"
+        assert call["body"]["env"]["url"] == f"http://127.0.0.1:{cable.server.port}/cable{query}"
+        [event] = cable.backend.events("connect", sid)
+        assert event["found"] == {"user": "ann", "via": how}
+
+
+def test_connect_rejected(cable: Cable) -> None:
+    with cable.client("?token=wrong") as c:
+        assert close_of(c) == (1000, "Auth Failed", [{"type": "disconnect", "reason": "unauthorized"}])
+
+
+def test_backend_down_closes_with_auth_error(make_server: type[Server]) -> None:
+    srv = make_server(f"--rpc_host=http://127.0.0.1:{free_port()}/_anycable").start()
+    with Client(srv.url + "?token=tok-ann") as c:
+        assert close_of(c) == (1011, "Auth Error", [])
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def test_subscribe_confirmed_with_transmissions(cable: Cable) -> None:
+    room = unique()
+    with cable.user("ann") as c:
+        c.send({"command": "subscribe", "identifier": ident(room)})
+        # verbatim, in the backend's order (serverless-js puts confirm first)
+        assert c.recv() == {"identifier": ident(room), "type": "confirm_subscription"}
+        assert c.recv() == {"identifier": ident(room), "message": {"hello": "ann"}}
+        c.nothing(0.2)
+
+
+def test_subscribe_rejected(cable: Cable) -> None:
+    other = unique()
+    with cable.user("ann") as c:
+        sid = c.welcome["sid"]  # type: ignore[index]
+        assert c.subscribe(ident("forbidden")) == {"identifier": ident("forbidden"), "type": "reject_subscription"}
+        perform(c, ident("forbidden"), "tick", by=1)  # not subscribed: no RPC, no reply
+        assert c.subscribe(ident(other))["type"] == "confirm_subscription"
+        commands = [(x["body"]["command"], x["body"]["identifier"]) for x in cable.backend.calls("command", sid)]
+        assert commands == [("subscribe", ident("forbidden")), ("subscribe", ident(other))]
+
+
+def test_perform_transmissions_and_broadcasts(cable: Cable) -> None:
+    room = unique()
+    with cable.user("ann") as a, cable.user("bob") as b:
+        for c in (a, b):
+            c.subscribe(ident(room))
+            c.recv()  # hello
+        perform(a, ident(room), "speak", text="hi")
+        got = sorted((a.recv(), a.recv()), key=lambda m: "echo" in m["message"])
+        broadcast, echo = got
+        assert echo == {"identifier": ident(room), "message": {"echo": "hi"}}
+        assert broadcast["identifier"] == ident(room) and broadcast["message"] == {"user": "ann", "text": "hi"}
+        assert broadcast["stream_id"] == f"chat_{room}" and broadcast["offset"] >= 1 and broadcast["epoch"]
+        other = b.recv()
+        assert other["message"] == {"user": "ann", "text": "hi"}
+        b.nothing(0.2)
+
+
+def test_stream_from_and_stop_stream_from(cable: Cable) -> None:
+    room, side = unique(), unique("side")
+    with cable.user("ann") as a, cable.user("sentinel") as s:
+        for c in (a, s):
+            c.subscribe(ident(room))
+            c.recv()
+            perform(c, ident(room), "follow", stream=side)
+            sync(c, ident(room))
+        cable.publish(side, {"n": 1})
+        assert a.recv()["message"] == {"n": 1}
+        assert s.recv()["message"] == {"n": 1}
+        perform(a, ident(room), "unfollow", stream=side)
+        sync(a, ident(room))
+        cable.publish(side, {"n": 2})
+        assert s.recv()["message"] == {"n": 2}
+        cable.publish(f"chat_{room}", {"n": 3})
+        assert a.recv()["message"] == {"n": 3}  # the room stream is still there
+        assert s.recv()["message"] == {"n": 3}
+        perform(a, ident(room), "stop_all")
+        sync(a, ident(room))
+        cable.publish(f"chat_{room}", {"n": 4})
+        assert s.recv()["message"] == {"n": 4}
+        a.nothing(0.3)
+
+
+def test_channel_state_round_trip(cable: Cable) -> None:
+    room = unique()
+    with cable.user("ann") as c:
+        sid = c.welcome["sid"]  # type: ignore[index]
+        c.subscribe(ident(room))
+        c.recv()
+        perform(c, ident(room), "tick", by=2)
+        assert c.recv()["message"] == {"count": 2, "user": "ann"}
+        perform(c, ident(room), "tick", by=3)
+        assert c.recv()["message"] == {"count": 5, "user": "ann"}
+        last = cable.backend.calls("command", sid)[-1]["body"]
+        # Command env.istate is the identifier's own flat state map
+        assert last["env"]["istate"] == {ident(room): json.dumps({"room": room, "count": 2}, separators=(",", ":"))}
+        assert last["connection_identifiers"] == '{"user":"ann"}'
+        assert json.loads(last["data"]) == {"action": "tick", "by": 3}
+
+
+def test_connection_state_round_trip(cable: Cable) -> None:
+    room = unique()
+    with cable.client(headers={"Cookie": "username=cy"}) as c:
+        sid = c.expect_welcome()["sid"]
+        c.subscribe(ident(room))
+        c.recv()
+        perform(c, ident(room), "remember", city="Paris")
+        perform(c, ident(room), "whoami")
+        me = c.recv()["message"]
+        assert me["identifiers"] == {"user": "cy"}
+        assert me["cstate"] == {"via": "cookie", "city": "Paris"}
+        assert me["state"] == {"room": room, "count": 0}
+        assert cable.backend.calls("command", sid)[-1]["body"]["env"]["cstate"] == {"via": "cookie", "city": "Paris"}
+
+
+def test_unsubscribe_runs_callback_and_stops_streams(cable: Cable) -> None:
+    room = unique()
+    with cable.user("ann") as a, cable.user("bob") as b:
+        sid = a.welcome["sid"]  # type: ignore[index]
+        for c in (a, b):
+            c.subscribe(ident(room))
+            c.recv()
+        perform(a, ident(room), "tick", by=7)
+        a.recv()
+        a.send({"command": "unsubscribe", "identifier": ident(room)})
+        assert b.recv()["message"] == {"left": "ann"}  # broadcast by the backend's `unsubscribed`
+        [event] = cable.backend.events("unsubscribed", sid)
+        assert event["state"] == {"room": room, "count": 7}
+        cable.publish(f"chat_{room}", {"n": 1})
+        assert b.recv()["message"] == {"n": 1}
+        # `unsubscribed` ran while ann was still subscribed, so its own "left" may reach her;
+        # nothing else does: no acknowledgment, no later room messages
+        for msg in frames_within(a, 0.3):
+            assert msg == {**msg, "identifier": ident(room), "message": {"left": "ann"}}
+
+
+def test_command_disconnect_closes(cable: Cable) -> None:
+    room = unique()
+    with cable.user("ann") as c:
+        c.subscribe(ident(room))
+        c.recv()
+        perform(c, ident(room), "kick")
+        code, reason, frames = close_of(c)
+        assert (code, frames) == (1000, [])
+
+
+def test_backend_error_is_ignored(cable: Cable) -> None:
+    room = unique()
+    with cable.user("ann") as c:
+        c.subscribe(ident(room))
+        c.recv()
+        perform(c, ident(room), "boom")  # status ERROR: nothing is sent, the connection stays
+        perform(c, ident(room), "tick", by=1)
+        assert c.recv()["message"] == {"count": 1, "user": "ann"}
+
+
+# ---------------------------------------------------------------------- headers
+
+
+def test_headers_and_cookies_forwarded(cable: Cable) -> None:
+    with Cable(
+        "--headers=cookie,x-api-token,x-forwarded-for", "--proxy-cookies=username,_session", backend=cable.backend
+    ) as own:
+        headers = {
+            "Cookie": "username=dee; tracking=t1; _session=s1",
+            "X-Api-Token": "tok-zzz",
+            "X-Forwarded-For": "10.0.0.1",
+            "X-Other": "not forwarded",
+        }
+        with own.client("?x=1", headers=headers) as c:
+            sid = c.expect_welcome()["sid"]
+        [call] = cable.backend.calls("connect", sid)
+        assert call["body"]["env"] == {
+            "url": f"http://127.0.0.1:{own.server.port}/cable?x=1",
+            "headers": {
+                "cookie": "username=dee; _session=s1",
+                "x-api-token": "tok-zzz",
+                "x-forwarded-for": "10.0.0.1",
+                "REMOTE_ADDR": "127.0.0.1",
+            },
+        }
+
+
+def test_all_cookies_forwarded_by_default(cable: Cable) -> None:
+    with cable.client(headers={"Cookie": "username=eve; tracking=t1", "X-Other": "x"}) as c:
+        sid = c.expect_welcome()["sid"]
+        [call] = cable.backend.calls("connect", sid)
+        assert call["body"]["env"]["headers"] == {"cookie": "username=eve; tracking=t1", "REMOTE_ADDR": "127.0.0.1"}
+
+
+# ---------------------------------------------------------------------- restore
+
+
+def test_restore_without_rpc(cable: Cable) -> None:
+    room = unique()
+    with cable.user("ann") as c:
+        old = c.welcome["sid"]  # type: ignore[index]
+        c.subscribe(ident(room))
+        c.recv()
+        perform(c, ident(room), "tick", by=4)
+        c.recv()
+        perform(c, ident(room), "remember", city="Oslo")
+        perform(c, ident(room), "whoami")
+        c.recv()
+    with cable.client(f"?token=tok-ann&sid={old}") as r:
+        welcome = r.expect_welcome()
+        new = welcome["sid"]
+        assert welcome == {"type": "welcome", "sid": new, "restored": True, "restored_ids": [ident(room)]}
+        assert new != old
+        me = sync(r, ident(room))["message"]
+        assert me["state"] == {"room": room, "count": 4}
+        assert me["cstate"] == {"via": "param", "city": "Oslo"}
+        cable.publish(f"chat_{room}", {"after": "restore"})
+        assert recv_message(r)["message"] == {"after": "restore"}
+        # the backend never heard Connect or Subscribe for the restored connection
+        assert cable.backend.calls("connect", new) == []
+        assert [x["body"]["command"] for x in cable.backend.calls("command", new)] == ["message"]
+
+
+def test_base_protocol_is_not_restored(cable: Cable) -> None:
+    with cable.user("ann") as c:
+        old = c.welcome["sid"]  # type: ignore[index]
+    with cable.client(f"?token=tok-ann&sid={old}", protocol=BASE) as r:
+        welcome = r.expect_welcome()
+        assert "restored" not in welcome
+        assert len(cable.backend.calls("connect", welcome["sid"])) == 1
+
+
+# ---------------------------------------------------------------------- disconnect
+
+
+def test_disconnect_called_once_per_authenticated_connection() -> None:
+    r1, r2 = unique(), unique()
+    with Cable() as own:
+        a = own.user("ann")
+        sid = a.welcome["sid"]  # type: ignore[index]
+        for room in (r1, r2):
+            a.subscribe(ident(room))
+            a.recv()
+        perform(a, ident(r1), "tick", by=3)
+        a.recv()
+        rejected = own.client("?token=nope")
+        close_of(rejected)
+        a.close()
+        wait_until(lambda: own.backend.calls("disconnect", sid))
+        assert own.server.stop() == 0  # graceful: whatever was queued has been sent
+        [call] = own.backend.calls("disconnect", sid)
+        body = call["body"]
+        assert body["identifiers"] == '{"user":"ann"}'
+        assert sorted(body["subscriptions"]) == sorted([ident(r1), ident(r2)])
+        assert body["env"]["url"] == f"http://127.0.0.1:{own.server.port}/cable?token=tok-ann"
+        assert body["env"]["cstate"] == {"via": "param"}
+        # Disconnect env.istate: identifier -> JSON-encoded state map of that identifier
+        flat1 = {ident(r1): json.dumps({"room": r1, "count": 3}, separators=(",", ":"))}
+        assert json.loads(body["env"]["istate"][ident(r1)]) == flat1
+        states = {e["identifier"]: e["state"] for e in own.backend.events("unsubscribed", sid)}
+        assert states == {ident(r1): {"room": r1, "count": 3}, ident(r2): {"room": r2, "count": 0}}
+        assert len(own.backend.events("disconnect", sid)) == 1
+        # the rejected connection was never authenticated: no Disconnect for it
+        assert len(own.backend.calls("disconnect")) == 1
+
+
+def test_disconnect_mode_never() -> None:
+    with Cable("--disconnect_mode=never") as own:
+        for name in ("ann", "bob"):
+            own.user(name).close()
+        assert own.server.stop() == 0
+        assert len(own.backend.calls("connect")) == 2
+        assert own.backend.calls("disconnect") == []
+
+
+def test_sigterm_sends_every_disconnect_despite_rate_limit() -> None:
+    """SPEC §11.6 #76: 3 clients, --disconnect_mode=always --disconnect_rate=1, SIGTERM."""
+    with Cable("--disconnect_mode=always", "--disconnect_rate=1") as own:
+        clients = [own.user(name) for name in ("ann", "bob", "cy")]
+        sids = sorted(c.welcome["sid"] for c in clients)  # type: ignore[index]
+        proc = own.server.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGTERM)
+        for c in clients:
+            assert close_of(c) == (
+                1001,
+                "Server restart",
+                [{"type": "disconnect", "reason": "server_restart", "reconnect": True}],
+            )
+        assert proc.wait(15) == 0
+        assert sorted(x["sid"] for x in own.backend.calls("disconnect")) == sids
