@@ -1,0 +1,93 @@
+"""CPU time and resident memory of process trees, read from /proc (Linux only)."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("latin-1")
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every live process below it (forked workers, a shell's children)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        fields = _stat_fields(int(name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime (all threads) summed over ``pids``; processes that are gone count 0."""
+    ticks = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])  # stat fields 14 and 15
+    return ticks / CLK_TCK
+
+
+def rss_kb(pids: list[int]) -> int:
+    """VmRSS summed over ``pids`` (shared pages of forked workers are counted in each)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def alive(pid: int) -> bool:
+    return _stat_fields(pid) is not None
+
+
+class ProcessTree:
+    """The server under test: a root pid whose descendants are looked up again at every sample."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+
+    def pids(self) -> list[int]:
+        return descendants(self.root) if alive(self.root) else []
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pids())
+
+    def rss(self) -> int:
+        return rss_kb(self.pids())
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one; returns the new (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
