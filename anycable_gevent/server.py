@@ -87,8 +87,20 @@ class Server:
         self.stopped = Event()
         self._signals = 0
         # both walk something big (the heap, /proc): refreshed every --stats_refresh_interval
-        self.metrics.gauge("goroutines_num", _greenlets, slow=True)
+        self.metrics.gauge("goroutines_num", self._greenlets, slow=True)
         self.metrics.gauge("mem_sys_bytes", _rss_bytes, slow=True)
+
+    def _greenlets(self) -> int:
+        """Greenlets at work: one per connection, writers of backlogged ones, the services.
+
+        Counted, not found by walking the heap (``gc.get_objects()`` costs tens of
+        milliseconds with ten thousand connections).
+        """
+        sessions = self.node.sessions
+        writers = sum(1 for s in sessions if s.pending)
+        # fan-out, broker expiry, disconnect queue, session keepalive, one ticker per interval
+        services = 4 + len(self.node.pinger.buckets)
+        return len(sessions) + writers + len(self.servers) + services
 
     def _dispatcher(self, port: int) -> Dispatcher:
         d = self.dispatchers.get(port)
@@ -115,7 +127,26 @@ class Server:
 
     def bind(self) -> None:
         for port in self.ports:
-            self.listeners[port] = bind_socket(self._host(port), port)
+            try:
+                self.listeners[port] = bind_socket(self._host(port), port)
+            except ConfigError as exc:
+                for listener in self.listeners.values():
+                    listener.close()
+                raise ConfigError(f"{exc}; stop what uses it or choose another {self._port_options(port)}") from None
+
+    def _port_options(self, port: int) -> str:
+        """The options that put something on ``port`` (for an error message)."""
+        cfg = self.cfg
+        names = []
+        if port == cfg.port:
+            names.append("--port")
+        if "http" in cfg.broadcast_adapter and port == cfg.broadcast_port and cfg.http_broadcast_port:
+            names.append("--http_broadcast_port")
+        elif "http" in cfg.broadcast_adapter and port == cfg.broadcast_port and port != cfg.port:
+            names.append("--http_broadcast_port (default 8090 without a broadcast key)")
+        if cfg.metrics_http and port == cfg.metrics_port:
+            names.append("--metrics_port")
+        return " / ".join(names) or "port"
 
     def _host(self, port: int) -> str:
         """Bind host of a port: --metrics_host only applies to a port that serves nothing but metrics."""
@@ -276,14 +307,6 @@ def _safe_url(url: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, parts.fragment))
-
-
-def _greenlets() -> int:
-    import gc
-
-    from greenlet import greenlet
-
-    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet))
 
 
 def _rss_bytes() -> int:
