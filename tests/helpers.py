@@ -436,3 +436,24 @@ def _mask(payload: bytes, mask: bytes) -> bytes:
         return payload
     key = (mask * (n // 4 + 1))[:n]
     return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def close_of(c: Client, timeout: float = 10.0) -> tuple[int | None, str, list[dict[str, Any]]]:
+    """Read until the server's close frame: (code, reason, JSON frames before it, pings skipped).
+
+    ``(None, "", frames)`` when the TCP connection ended without a close frame.
+    """
+    frames: list[dict[str, Any]] = []
+    c.ws.settimeout(timeout)
+    while True:
+        try:
+            opcode, data = c.ws.recv_data(control_frame=True)
+        except websocket.WebSocketConnectionClosedException:
+            return None, "", frames
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+            return code, data[2:].decode(), frames
+        if opcode == websocket.ABNF.OPCODE_TEXT:
+            msg = json.loads(data)
+            if msg.get("type") != "ping":
+                frames.append(msg)

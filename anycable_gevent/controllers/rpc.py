@@ -58,7 +58,7 @@ from anycable_gevent.controllers.base import (
     Presence,
     Status,
 )
-from anycable_gevent.controllers.breaker import CircuitBreaker, CircuitOpen
+from anycable_gevent.controllers.breaker import CircuitBreaker
 from anycable_gevent.errors import RPCError
 from anycable_gevent.log import conn_ref
 from anycable_gevent.metrics import Metrics
@@ -282,14 +282,10 @@ class HTTPController(Controller):
 
     # ------------------------------------------------------------------ RPC methods
     def connect(self, conn: Connection) -> ConnectResult:
-        payload = {"env": self._env(conn.env)}
-        obj = self._call("connect", conn.sid, payload, self.budget)
-        if obj is None:
-            return ConnectResult(Status.ERROR, error="RPC call failed")
         try:
-            return parse_connect(obj)
-        except BadResponse as exc:
-            return ConnectResult(Status.ERROR, error=self._bad("connect", conn.sid, exc))
+            return parse_connect(self._call("connect", conn.sid, {"env": self._env(conn.env)}, self.budget))
+        except RPCError as exc:
+            return ConnectResult(Status.ERROR, error=self._failed(exc))
 
     def subscribe(self, conn: Connection, identifier: str) -> CommandResult:
         return self._command(conn, "subscribe", identifier)
@@ -300,27 +296,6 @@ class HTTPController(Controller):
     def perform(self, conn: Connection, identifier: str, data: str) -> CommandResult:
         return self._command(conn, "message", identifier, data)
 
-    def disconnect(self, conn: Connection, subscriptions: list[str], istates: dict[str, dict[str, str]]) -> None:
-        istate = {ident: json.dumps(state, separators=(",", ":")) for ident, state in istates.items() if state}
-        payload: dict[str, Any] = {"env": self._env(conn.env, istate)}
-        if conn.identifiers:
-            payload["identifiers"] = conn.identifiers
-        if subscriptions:
-            payload["subscriptions"] = subscriptions
-        # Go counts any status but ERROR as success; a backend error is only worth a log line.
-        obj = self._call("disconnect", conn.sid, payload, slot_timeout=None)
-        if obj is None:
-            return
-        try:
-            status = _status(obj)
-        except BadResponse as exc:
-            self._bad("disconnect", conn.sid, exc)
-            return
-        if status == Status.ERROR:
-            log.warning(
-                "RPC disconnect returned an error conn=%s error=%r", conn_ref(conn.sid), _short(obj.get("error_msg"))
-            )
-
     def _command(self, conn: Connection, command: str, identifier: str, data: str | None = None) -> CommandResult:
         payload: dict[str, Any] = {"command": command, "identifier": identifier}
         if conn.identifiers:
@@ -328,13 +303,35 @@ class HTTPController(Controller):
         if data is not None:
             payload["data"] = data
         payload["env"] = self._env(conn.env, conn.env.istate)
-        obj = self._call("command", conn.sid, payload, self.budget)
-        if obj is None:
-            return CommandResult(Status.ERROR, error="RPC call failed")
         try:
-            return parse_command(obj)
-        except BadResponse as exc:
-            return CommandResult(Status.ERROR, error=self._bad(command, conn.sid, exc))
+            return parse_command(self._call("command", conn.sid, payload, self.budget))
+        except RPCError as exc:
+            return CommandResult(Status.ERROR, error=self._failed(exc))
+
+    def disconnect(self, conn: Connection, subscriptions: list[str], istates: dict[str, dict[str, str]]) -> None:
+        # Disconnect env.istate: identifier -> JSON-encoded state map (Command sends the flat map)
+        istate = {ident: json.dumps(state, separators=(",", ":")) for ident, state in istates.items() if state}
+        payload: dict[str, Any] = {"env": self._env(conn.env, istate)}
+        if conn.identifiers:
+            payload["identifiers"] = conn.identifiers
+        if subscriptions:
+            payload["subscriptions"] = subscriptions
+        try:
+            # Disconnect calls are never given up for want of a slot: the queue bounds them
+            status = _status(self._call("disconnect", conn.sid, payload, None))
+        except RPCError as exc:
+            # nobody else reports a failed Disconnect (the connection is gone): log it here
+            log.warning("RPC disconnect failed conn=%s error=%s", conn_ref(conn.sid), self._failed(exc))
+            return
+        if status == Status.ERROR:
+            log.warning("RPC disconnect: the backend returned an error conn=%s", conn_ref(conn.sid))
+
+    def _failed(self, exc: RPCError) -> str:
+        """Count a failed call; its message for the caller's log line (the node logs connect/command errors)."""
+        self.metrics.inc("rpc_error_total")
+        if isinstance(exc, CallTimeout):
+            self.metrics.inc("rpc_timeout_total")
+        return str(exc)
 
     # ------------------------------------------------------------------ requests
     def _env(self, env: Env, istate: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -349,45 +346,36 @@ class HTTPController(Controller):
             out["istate"] = dict(istate)
         return out
 
-    def _bad(self, method: str, sid: str, exc: Exception) -> str:
-        self.metrics.inc("rpc_error_total")
-        log.warning("RPC %s: unusable response conn=%s error=%s", method, conn_ref(sid), exc)
-        return str(exc)
+    def _call(self, method: str, sid: str, payload: dict[str, Any], slot_timeout: float | None) -> dict[str, Any]:
+        """One RPC call with limits, breaker and retries: the decoded response object.
 
-    def _call(
-        self, method: str, sid: str, payload: dict[str, Any], slot_timeout: float | None
-    ) -> dict[str, Any] | None:
-        """One RPC call with limits, breaker and retries. ``None`` when it failed (logged).
+        ``slot_timeout``: how long to wait for a concurrency slot; ``None`` = as long as it takes.
 
-        ``slot_timeout``: how long to wait for a concurrency slot; ``None`` = as long as it
-        takes (Disconnect calls: they are never abandoned, the queue bounds them).
+        Raises:
+            RPCError: the call failed (the message says why, without secrets or sids).
         """
-        metrics = self.metrics
-        metrics.inc("rpc_call_total")
-        ref = conn_ref(sid)
+        self.metrics.inc("rpc_call_total")
         self._waiting += 1
         try:
             acquired = self._slots.acquire(timeout=slot_timeout)
         finally:
             self._waiting -= 1
         if not acquired:
-            metrics.inc("rpc_error_total")
-            log.warning("RPC %s: no free slot within %.1fs (backend too slow?) conn=%s", method, slot_timeout, ref)
-            return None
+            raise Overloaded(f"no free RPC slot within {slot_timeout:.1f}s (the backend is slow or overloaded)")
         try:
-            return self._attempts(method, ref, sid, payload)
+            return self._attempts(method, sid, payload)
         except gevent.GreenletExit:
-            metrics.inc("rpc_canceled_total")
+            self.metrics.inc("rpc_canceled_total")
             raise
-        except Exception:  # a bug here must cost one call, not the connection's greenlet
-            metrics.inc("rpc_error_total")
-            log.exception("RPC %s failed unexpectedly conn=%s", method, ref)
-            return None
+        except RPCError:
+            raise
+        except Exception as exc:  # a bug here must cost one call, not the connection's greenlet
+            log.exception("RPC %s failed unexpectedly conn=%s", method, conn_ref(sid))
+            raise RPCError(f"unexpected {type(exc).__name__}") from None
         finally:
             self._slots.release()
 
-    def _attempts(self, method: str, ref: str, sid: str, payload: dict[str, Any]) -> dict[str, Any] | None:
-        metrics = self.metrics
+    def _attempts(self, method: str, sid: str, payload: dict[str, Any]) -> dict[str, Any]:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         headers = {
             "Content-Type": "application/json",
@@ -402,38 +390,28 @@ class HTTPController(Controller):
         attempt = 0
         last_kind: type[RPCError] | None = None
         while True:
-            try:
-                generation = self.breaker.allow()
-            except CircuitOpen as exc:
-                metrics.inc("rpc_error_total")
-                log.debug("RPC %s refused: %s conn=%s", method, exc, ref)
-                return None
+            generation = self.breaker.allow()  # raises CircuitOpen
             timeout = max(min(self.timeout, deadline - time.monotonic()), 0.001)
             reported = False
             try:
-                try:
-                    result = self._request(method, body, headers, timeout)
-                except (Unavailable, CallTimeout):
-                    self.breaker.record(generation, False)
-                    reported = True
-                    raise
-                except RPCError:
-                    self.breaker.record(generation, True)  # it answered: reachable
-                    reported = True
-                    raise
+                result = self._request(method, body, headers, timeout)
                 self.breaker.record(generation, True)
                 reported = True
                 return result
-            except CallTimeout:
-                metrics.inc("rpc_timeout_total")
-                metrics.inc("rpc_error_total")
-                log.warning("RPC %s timed out after %.1fs conn=%s", method, timeout, ref)
-                return None
-            except BadResponse as exc:
-                self._bad(method, sid, exc)
-                return None
-            except (Unavailable, Overloaded) as exc:
+            except (Unavailable, CallTimeout) as exc:
+                self.breaker.record(generation, False)
+                reported = True
+                if isinstance(exc, CallTimeout):
+                    raise CallTimeout(f"{method} timed out after {timeout:.1f}s") from None
                 error: RPCError = exc
+            except Overloaded as exc:
+                self.breaker.record(generation, True)  # it answered: it is reachable
+                reported = True
+                error = exc
+            except RPCError:
+                self.breaker.record(generation, True)
+                reported = True
+                raise
             finally:
                 if not reported:
                     self.breaker.abandon(generation)
@@ -444,11 +422,9 @@ class HTTPController(Controller):
             delay = min(base * (2**attempt), MAX_BACKOFF) * random.uniform(0.8, 1.2)
             attempt += 1
             if time.monotonic() + delay >= deadline:
-                metrics.inc("rpc_error_total")
-                log.warning("RPC %s failed: %s conn=%s", method, error, ref)
-                return None
-            metrics.inc("rpc_retries_total")
-            log.debug("RPC %s: %s; retrying in %.2fs conn=%s", method, error, delay, ref)
+                raise error
+            self.metrics.inc("rpc_retries_total")
+            log.debug("RPC %s: %s; retrying in %.2fs conn=%s", method, error, delay, conn_ref(sid))
             gevent.sleep(delay)
 
     def _request(self, method: str, body: bytes, headers: dict[str, str], timeout: float) -> dict[str, Any]:

@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import websocket
-from helpers import BASE, EXT, Client, Server, free_port
+from helpers import BASE, EXT, Client, Server, close_of, free_port
 from rpc_backend import JSBackend, wait_until
 
 SECRET = "rpc-test-secret-0123456789abcdef-xyz"
@@ -68,24 +67,6 @@ def frames_within(c: Client, wait: float) -> list[dict[str, Any]]:
             frames.append(c.recv(wait))
         except TimeoutError:
             return frames
-
-
-def close_of(c: Client, timeout: float = 10.0) -> tuple[int | None, str, list[dict[str, Any]]]:
-    """Read until the server's close frame: (code, reason, JSON frames before it, pings skipped)."""
-    frames: list[dict[str, Any]] = []
-    c.ws.settimeout(timeout)
-    while True:
-        try:
-            opcode, data = c.ws.recv_data(control_frame=True)
-        except websocket.WebSocketConnectionClosedException:
-            return None, "", frames
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
-            return code, data[2:].decode(), frames
-        if opcode == websocket.ABNF.OPCODE_TEXT:
-            msg = json.loads(data)
-            if msg.get("type") != "ping":
-                frames.append(msg)
 
 
 class Cable:
