@@ -1,0 +1,119 @@
+"""Back-pressure (SPEC §10.8, §11 #69): a client that stops reading is dropped, nobody else waits.
+
+The slow client is a bare TCP socket with a tiny receive buffer that does the WebSocket
+handshake itself, subscribes, and then never reads. Linux lets the server's send buffer
+grow to ``tcp_wmem``'s maximum even towards a tiny window, so several MB fit in kernel
+buffers before the server's own backlog fills: the tests keep publishing 1 MB batches
+(paced by a normal client that reads everything) until the server reports the drop.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import pytest
+from helpers import EXT, Client, RawWS, Server, connected, pubsub_id, request
+
+PAD = "x" * 50_000
+BATCH = 20  # 20 x 50 KB per request: under the 1 MiB body limit
+MAX_BATCHES = 64  # give up after 64 MB
+
+
+def metric(srv: Server, name: str) -> int:
+    status, _, body = request("GET", f"{srv.http}/metrics")
+    assert status == 200
+    found = re.search(rf"^anycable_go_{name} (\d+)$", body.decode(), re.M)
+    assert found, name
+    return int(found.group(1))
+
+
+def subscribed_slow_client(srv: Server, stream: str) -> RawWS:
+    slow = RawWS(srv.port, protocols=[EXT], rcvbuf=4096)
+    assert slow.status == 101
+    assert slow.recv()["type"] == "welcome"
+    slow.send({"command": "subscribe", "identifier": pubsub_id(stream)})
+    assert slow.recv()["type"] == "confirm_subscription"
+    return slow  # from now on it reads nothing
+
+
+def flood_until(srv: Server, stream: str, fast: Client, counter: str) -> int:
+    """Publish batches until ``counter`` moves; ``fast`` must get every message, in order."""
+    sent = 0
+    for _ in range(MAX_BATCHES):
+        batch = [{"stream": stream, "data": json.dumps({"i": sent + i, "pad": PAD})} for i in range(BATCH)]
+        status, reply = srv.broadcast(batch)
+        assert status == 201, reply
+        got = [fast.recv(10)["message"]["i"] for _ in range(BATCH)]
+        assert got == list(range(sent, sent + BATCH))  # nothing lost or reordered for the reader
+        sent += BATCH
+        if metric(srv, counter):
+            return sent
+    raise AssertionError(f"{counter} did not move after {sent} messages")
+
+
+def read_until_closed(ws: RawWS, timeout: float = 10.0) -> tuple[int | None, list[dict]]:
+    """What the server managed to send, up to its close frame or the end of the stream.
+
+    Returns (close code, or None when the stream ended without one; the frames that are
+    not data messages or pings).
+    """
+    control: list[dict] = []
+    try:
+        while True:
+            opcode, payload = ws.recv_frame(timeout)
+            if opcode == 0x8:
+                return int.from_bytes(payload[:2], "big"), control
+            frame = json.loads(payload)
+            if "message" not in frame or frame.get("type") not in (None, "ping"):
+                control.append(frame)
+    except (ConnectionError, OSError):
+        return None, control
+
+
+@pytest.fixture(scope="module")
+def bounded() -> Iterator[Server]:
+    with Server("--noauth", "--public_streams", "--ws_max_pending_size=1048576", "--metrics_http=/metrics") as srv:
+        yield srv
+
+
+def test_slow_reader_is_dropped_while_a_fast_one_gets_everything(bounded: Server) -> None:
+    stream = "slow-1"
+    with connected(bounded) as fast:
+        fast.subscribe(pubsub_id(stream))
+        slow = subscribed_slow_client(bounded, stream)
+        try:
+            flood_until(bounded, stream, fast, "disconnected_slow_clients_total")
+            assert metric(bounded, "disconnected_slow_clients_total") == 1  # only the slow one
+
+            code, control = read_until_closed(slow)
+            if code is not None:  # everything reached it: the disconnect came right before the close
+                assert control == [{"type": "disconnect", "reason": "too_slow", "reconnect": True}]
+                assert code == 1000
+            assert slow.wait_eof(10)  # either way the server ended the connection
+        finally:
+            slow.close()
+
+        # the reading client is unaffected and the stream still works
+        bounded.publish(stream, "after")
+        assert fast.recv()["message"] == "after"
+        assert metric(bounded, "clients_num") == 1
+
+
+def test_write_timeout_drops_a_stuck_client_when_the_backlog_is_unbounded(make_server) -> None:
+    srv = make_server(
+        "--noauth", "--public_streams", "--ws_max_pending_size=0", "--ws_write_timeout=0.5", "--metrics_http=/metrics"
+    ).start()
+    stream = "slow-2"
+    with connected(srv) as fast:
+        fast.subscribe(pubsub_id(stream))
+        slow = subscribed_slow_client(srv, stream)
+        try:
+            flood_until(srv, stream, fast, "timeout_server_msg_total")
+            assert slow.wait_eof(10)
+        finally:
+            slow.close()
+        assert metric(srv, "disconnected_slow_clients_total") == 0  # no backlog limit was involved
+        fast.send({"command": "ping"})
+        assert fast.recv() == {"type": "pong"}
