@@ -13,12 +13,14 @@ import hashlib
 import hmac
 import json
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import BASE, EXT, Client, Server, close_of, free_port
+from helpers import BASE, EXT, Client, Server, close_of, free_port, jwt_token, pubsub_id
+from jsclient import JSClient
 from rpc_backend import JSBackend, wait_until
 
 SECRET = "rpc-test-secret-0123456789abcdef-xyz"
@@ -419,3 +421,53 @@ def test_sigterm_sends_every_disconnect_despite_rate_limit() -> None:
             )
         assert proc.wait(15) == 0
         assert sorted(x["sid"] for x in own.backend.calls("disconnect")) == sids
+
+
+def test_disconnect_mode_auto_skips_connections_nobody_asked_about() -> None:
+    """SPEC §8.5: JWT identification and $pubsub streams say "no interest"; one RPC subscribe is enough."""
+    room = unique()
+    with Cable("--public_streams") as own:
+
+        def jwt_client(user: str) -> Client:
+            token = jwt_token({"ext": json.dumps({"user": user}), "exp": int(time.time()) + 300}, SECRET)
+            c = own.client(f"?jid={token}")
+            c.expect_welcome()
+            return c
+
+        quiet, chatty = jwt_client("quiet"), jwt_client("chatty")
+        assert quiet.subscribe(pubsub_id("public-a"))["type"] == "confirm_subscription"
+        chatty.subscribe(ident(room))
+        chatty.recv()
+        sids = [c.welcome["sid"] for c in (quiet, chatty)]  # type: ignore[index]
+        quiet.close()
+        chatty.close()
+        assert own.server.stop() == 0
+        assert own.backend.calls("connect") == []  # identified by the JWT
+        assert [x["sid"] for x in own.backend.calls("disconnect")] == [sids[1]]
+
+
+@pytest.mark.js
+def test_official_client_session_is_restored_without_rpc() -> None:
+    """The backend's welcome carries the sid; @anycable/core reconnects with ?sid= and is restored."""
+    stream = unique("js")
+    with Cable("--public_streams") as own:
+        client = JSClient(own.server.url + "?token=tok-jsann", stream=stream, count=2, frames=True, reconnect_delay=100)
+        try:
+            client.wait_for("subscribed")
+            own.publish(stream, {"n": 1})
+            client.wait_messages(1)
+            client.send("drop")
+            assert client.wait_for("connected", reconnect=True)["restored"] is True
+            own.publish(stream, {"n": 2})
+            assert client.wait_exit() == 0, client.report()
+        finally:
+            client.stop()
+        assert client.messages() == [{"n": 1}, {"n": 2}]
+        first, second = [f for f in client.frames("in") if isinstance(f, dict) and f.get("type") == "welcome"]
+        assert first == {"type": "welcome", "sid": first["sid"]}  # the backend's welcome
+        assert second["restored"] is True
+        assert own.server.stop() == 0
+        assert [x["sid"] for x in own.backend.calls("connect")] == [first["sid"]]
+        # the dropped connection still gets its Disconnect (SPEC §4.3), and only that one is missing
+        # a matching Connect: the restored one is disconnected when the server stops
+        assert sorted(x["sid"] for x in own.backend.calls("disconnect")) == sorted([first["sid"], second["sid"]])
