@@ -165,6 +165,27 @@ class Session:
     def write_text(self, text: str) -> None:
         self.write(protocol.text_frame(text))
 
+    def cork(self) -> None:
+        """Hold writes until :meth:`uncork`, which sends them with one system call.
+
+        Used for the handshake: the 101 response, the welcome and anything else the
+        connect step writes leave in one TCP segment.
+        """
+        if self._backlog is None and self._writer is None:
+            self._backlog = deque()
+            self._pending = 0
+
+    def uncork(self) -> None:
+        backlog = self._backlog
+        if backlog is None or self._writer is not None:
+            return
+        self._backlog = None
+        self._pending = 0
+        if backlog:
+            self.write(b"".join(backlog))
+        if self._shutdown_after_flush and self._backlog is None:
+            self._half_close()
+
     def _queue(self, chunk: bytes | memoryview) -> None:
         self._backlog = deque((chunk,))
         self._pending = len(chunk)

@@ -144,6 +144,14 @@ class CableHandler(WebSocketHandler):
     def MessageClass(self, *args: Any) -> RequestHeaders:  # noqa: N802 - pywsgi's name
         return RequestHeaders.parse(*args)
 
+    def _sendall(self, data: Any) -> None:
+        if self.code == 101 and self.environ.get("wsgi.websocket") is not None and not hasattr(self, "upgrade_head"):
+            # Keep the 101 response: the session sends it together with the welcome.
+            self.upgrade_head = bytes(data)
+            self.response_length += len(data)
+            return
+        super()._sendall(data)
+
     def upgrade_websocket(self) -> Any:
         endpoint: CableEndpoint | None = getattr(self.server, "cable", None)
         path = self.environ.get("PATH_INFO", "")
@@ -313,6 +321,9 @@ class CableEndpoint:
         self.paths = set(cfg.path)
         self.headers = [h.lower() for h in cfg.headers]
         self.jwt_header = "x-" + cfg.jwt_param.lower()
+        #: Connections are authenticated without I/O (no RPC backend), so the 101
+        #: response can wait for the welcome and leave in the same write.
+        self.local_auth = not cfg.rpc_enabled
 
     def env(self, environ: dict[str, Any], remote_addr: str) -> Env:
         scheme = "https" if environ.get("wsgi.url_scheme") == "https" else "http"
@@ -358,6 +369,12 @@ class CableEndpoint:
             self.cfg.ws_write_timeout,
         )
         node = self.node
+        head: bytes | None = getattr(handler, "upgrade_head", None)
+        if head is not None:
+            handler.upgrade_head = None
+            if self.local_auth:
+                session.cork()  # 101 + welcome in one write (see serve())
+            session.write(head)
         reader = FrameReader(
             sock,
             _release_http_state(handler, ws, environ),
@@ -384,7 +401,9 @@ class CableEndpoint:
         """
         node = self.node
         try:
-            if node.open(session):
+            opened = node.open(session)
+            session.uncork()
+            if opened:
                 self._read_loop(session, reader)
             else:
                 self._drain(session, reader)
