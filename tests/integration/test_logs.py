@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -144,3 +145,21 @@ def test_config_error_is_one_line_on_stderr(fmt: str) -> None:
     assert lines[0].startswith("anycable-gevent: error: --port")
     assert "--help" in lines[0]
     assert proc.stdout == ""
+
+
+def test_busy_port_error_names_the_option() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "anycable_gevent", "--noauth", "--host=127.0.0.1", f"--http_broadcast_port={port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"anycable-gevent: error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "stop what uses it or choose another --http_broadcast_port"
+    ]
