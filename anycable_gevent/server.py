@@ -15,7 +15,6 @@ import signal
 import socket
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 from gevent.event import Event
@@ -232,16 +231,6 @@ class Server:
         log.info("%s", self.broker.announce())
         log.info("%s", self.node.pubsub.announce())
         log.info("controller: %s", self.controller.announce())
-        if cfg.rpc_enabled:
-            log.info(
-                "RPC backend: %s (HTTP, timeout: %gms, concurrency: %d, %s)",
-                _safe_url(cfg.rpc_host),
-                cfg.rpc_timeout * 1000,
-                cfg.rpc_concurrency,
-                "authenticated with a secret" if cfg.rpc_secret else "no secret",
-            )
-        else:
-            log.info("RPC backend: none (%s)", "--norpc" if cfg.norpc or cfg.rpc_impl == "none" else "no --rpc_host")
         scheme = "https" if cfg.ssl_cert else "http"
         ws_scheme = "wss" if cfg.ssl_cert else "ws"
         for path in cfg.path:
@@ -296,17 +285,6 @@ def _open_file_limit() -> int:
     """The soft RLIMIT_NOFILE (-1 = unlimited)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return -1 if soft == resource.RLIM_INFINITY else int(soft)
-
-
-def _safe_url(url: str) -> str:
-    """A URL without user:password, for logs."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, parts.fragment))
 
 
 def _rss_bytes() -> int:

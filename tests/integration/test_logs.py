@@ -12,7 +12,7 @@ import time
 import urllib.request
 
 import pytest
-from helpers import Client, Server, connected, jwt_token, pubsub_id
+from helpers import Client, Server, connected, free_port, jwt_token, pubsub_id
 
 from anycable_gevent.config import derive_key
 from anycable_gevent.log import conn_ref
@@ -163,3 +163,14 @@ def test_busy_port_error_names_the_option() -> None:
         f"anycable-gevent: error: cannot listen on 127.0.0.1:{port}: Address already in use; "
         "stop what uses it or choose another --http_broadcast_port"
     ]
+
+
+def test_banner_names_the_rpc_target_without_credentials(make_server: type[Server]) -> None:
+    port = free_port()  # nothing listens there: the banner is printed before any call
+    secret = "banner-secret-" + "z" * 32
+    s = make_server(f"--rpc_host=http://admin:hunter2pass@127.0.0.1:{port}/_anycable", f"--secret={secret}").start()
+    text = s.output()
+    line = next(line for line in text.splitlines() if " INF controller: " in line)
+    assert f"http://127.0.0.1:{port}/_anycable" in line and "with a secret" in line
+    for forbidden in ("hunter2pass", "admin:", secret, derive_key(secret, "rpc-cable")):
+        assert forbidden not in text
