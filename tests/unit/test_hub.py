@@ -19,11 +19,18 @@ class FakeSession:
         self.frames.append(frame)
 
     def messages(self) -> list[dict]:
+        """Every frame in every write (a write may carry several frames)."""
         out = []
-        for frame in self.frames:
-            # server frames here are short: 2-byte header (or 4 with a 16-bit length)
-            payload = frame[2:] if frame[1] < 126 else frame[4:]
-            out.append(json.loads(payload))
+        for data in self.frames:
+            pos = 0
+            while pos < len(data):
+                length = data[pos + 1] & 0x7F
+                start = pos + 2
+                if length == 126:
+                    length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+                    start = pos + 4
+                out.append(json.loads(data[start : start + length]))
+                pos = start + length
         return out
 
     def offsets(self) -> list[int]:
@@ -148,3 +155,38 @@ def test_leave_while_held_drops_the_buffer() -> None:
     hub.release(sub)
     assert a.frames == []
     assert hub.streams == {}
+
+
+def test_queued_run_goes_out_as_one_write_per_subscriber() -> None:
+    hub = Hub()
+    a, b = FakeSession("a"), FakeSession("b")
+    hub.join(a, "id", "s")
+    hub.join(b, "id", "s")
+    hub.broadcast_many([msg("s", 1), msg("other", 1), msg("s", 2), msg("s", 3)])
+    assert len(a.frames) == 1 and a.frames[0] is b.frames[0]
+    assert a.offsets() == [1, 2, 3]
+    assert hub.frames_sent == 6
+
+
+def test_queued_run_respects_positions_and_holds() -> None:
+    hub = Hub()
+    ahead, held = FakeSession("ahead"), FakeSession("held")
+    sub = hub.join(ahead, "id", "s")
+    hold = hub.join(held, "id", "s", held=True)
+    hub.broadcast(msg("s", 1))
+    sub.pos = 3  # a history reply already sent 2 and 3
+    hub.broadcast_many([msg("s", 2), msg("s", 3), msg("s", 4)])
+    assert ahead.offsets() == [1, 4]
+    hub.release(hold, until=2)
+    assert held.offsets() == [3, 4]
+
+
+def test_queued_run_with_transient_or_excluded_goes_one_by_one() -> None:
+    hub = Hub()
+    a, b = FakeSession("a"), FakeSession("b")
+    hub.join(a, "id", "s")
+    hub.join(b, "id", "s")
+    hub.broadcast_many([msg("s", 1), msg("s", 0, transient=True), msg("s", 2, exclude_socket="a")])
+    assert a.offsets() == [1, 0]
+    assert b.offsets() == [1, 0, 2]
+    assert len(b.frames) == 3
