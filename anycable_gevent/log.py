@@ -88,7 +88,8 @@ class JSONFormatter(logging.Formatter):
 
     def __init__(self, context: dict[str, str]) -> None:
         super().__init__()
-        self.context = {k: v for k, v in context.items() if v}
+        # the pid is a number; the node id stays a string even when it is all digits
+        self.context: dict[str, Any] = {k: int(v) if k == "pid" else v for k, v in context.items() if v}
 
     def format(self, record: logging.LogRecord) -> str:
         msg, fields = split_fields(record.getMessage())

@@ -245,6 +245,18 @@ def read_directory(directory: str, exclude: str = "") -> Values:
     return merge(parts)
 
 
+def clear_directory(directory: str) -> int:
+    """Remove every worker snapshot file (what a master does before it forks); returns how many."""
+    removed = 0
+    for path in Path(directory).glob("worker-*.json"):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def merge(parts: Iterable[Values]) -> Values:
     counters: dict[str, int] = {}
     gauges: dict[str, float] = {}

@@ -56,6 +56,7 @@ def test_json_format(make_server: type[Server]) -> None:
         assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", r["time"])
         assert r["level"] in ("debug", "info", "warn", "error")
     assert {r["nodeid"] for r in records} == {records[0]["nodeid"]}
+    assert isinstance(records[0]["nodeid"], str) and isinstance(records[0]["pid"], int)
     starting = next(r for r in records if r["msg"].startswith("Starting anycable-gevent"))
     assert starting["level"] == "info" and starting["context"] == "main"
     assert any(r["level"] == "warn" and r["msg"].startswith("--noauth") for r in records)

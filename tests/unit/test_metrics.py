@@ -10,7 +10,15 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from anycable_gevent.metrics import COUNTERS, GAUGES, Metrics, parse_tags, read_directory, render_prometheus
+from anycable_gevent.metrics import (
+    COUNTERS,
+    GAUGES,
+    Metrics,
+    clear_directory,
+    parse_tags,
+    read_directory,
+    render_prometheus,
+)
 
 
 def families(text: str) -> dict[str, tuple[str, dict[str, float], list[dict[str, str]]]]:
@@ -167,3 +175,12 @@ def test_missing_directory_is_created_on_write(tmp_path: Path) -> None:
     target = tmp_path / "not" / "yet"
     Metrics(str(target), worker="w").refresh()
     assert (target / "worker-w.json").is_file()
+
+
+def test_clear_directory_removes_only_snapshot_files(tmp_path: Path) -> None:
+    for worker in ("a", "b"):
+        Metrics(str(tmp_path), worker=worker).refresh()
+    (tmp_path / "keep.txt").write_text("x")
+    assert clear_directory(str(tmp_path)) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+    assert read_directory(str(tmp_path)) == ({}, {})
