@@ -64,8 +64,16 @@ def _reject_constant(name: str) -> Any:
 
 
 def loads(text: str | bytes) -> Any:
-    """Strict JSON: NaN and Infinity are not JSON and are refused."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """Strict JSON: NaN and Infinity are not JSON and are refused.
+
+    Raises:
+        ValueError: not JSON, or nested too deeply to decode (the decoder's
+            RecursionError, which callers handling untrusted input would not expect).
+    """
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------- client frames

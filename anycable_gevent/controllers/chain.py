@@ -8,9 +8,9 @@ disconnect always go to the default controller.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from anycable_gevent import protocol
 from anycable_gevent.controllers.base import (
     ChannelController,
     CommandResult,
@@ -24,7 +24,7 @@ from anycable_gevent.controllers.identity import query_params
 
 def channel_params(identifier: str) -> dict[str, Any] | None:
     try:
-        params = json.loads(identifier)
+        params = protocol.loads(identifier)  # untrusted: ValueError covers too-deep nesting
     except ValueError:
         return None
     return params if isinstance(params, dict) else None

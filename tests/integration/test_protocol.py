@@ -190,6 +190,7 @@ def test_identifier_is_echoed_byte_for_byte(server: Server) -> None:
         json.dumps({"channel": "$pubsub", "signed_stream_name": "bogus--00"}),
         "not json at all",
         "[1,2]",
+        pytest.param("[" * 30000 + "]" * 30000, id="nested-too-deep"),
     ],
 )
 def test_reject(server: Server, ident: str) -> None:
@@ -341,10 +342,11 @@ BAD_FRAMES = [
     '{"command":"subscribe","identifier":"x","history":{"since":"1"}}',
     '{"command":"history","identifier":"x","history":{"streams":{"a":{"offset":-1}}}}',
     '{"command":"ping","x":NaN}',
+    '{"command":"ping","x":' + "[" * 30000 + "]" * 30000 + "}",  # nested too deeply for the decoder
 ]
 
 
-@pytest.mark.parametrize("frame", BAD_FRAMES)
+@pytest.mark.parametrize("frame", BAD_FRAMES, ids=lambda frame: frame[:60])
 def test_bad_frame_is_dropped_and_the_connection_keeps_working(server: Server, frame: str) -> None:
     with connected(server) as c:
         c.send(frame)

@@ -112,6 +112,23 @@ def test_malformed_frames_raise(raw: str) -> None:
         decode_command(raw)
 
 
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_json_raises_protocol_error() -> None:
+    # the JSON decoder's RecursionError must not escape as an unexpected exception
+    with pytest.raises(ProtocolError):
+        decode_command('{"command":"ping","x":' + DEEP + "}")
+    with pytest.raises(ProtocolError):
+        decode_publication(DEEP)
+    with pytest.raises(ProtocolError):
+        decode_publication('{"stream":"a","data":"1","meta":' + DEEP + "}")
+
+
+def test_deeply_nested_broadcast_data_is_delivered_as_a_string() -> None:
+    assert json.loads(message_json(DEEP)) == DEEP
+
+
 def test_invalid_utf8_raises() -> None:
     with pytest.raises(ProtocolError):
         decode_command(b'{"command":"\xff"}')
