@@ -48,8 +48,15 @@ def test_text_format_banner(make_server: type[Server]) -> None:
 
 
 def test_json_format(make_server: type[Server]) -> None:
-    s = make_server("--noauth", "--log_format=json", "--metrics_log", "--metrics_rotate_interval=1").start()
+    s = make_server(
+        "--noauth", "--log_format=json", "--metrics_log", "--metrics_rotate_interval=1", "--max_message_size=100"
+    ).start()
+    with connected(s) as c:
+        sid = c.welcome["sid"] if c.welcome else ""
+        c.send("z" * 300)
+        assert c.closed()[0] == 1009
     wait_output(s, '"context": "metrics"')
+    wait_output(s, conn_ref(sid))
     records = [json.loads(line) for line in s.output().splitlines()]
     for r in records:
         assert {"time", "level", "msg", "context", "nodeid", "pid"} <= set(r), r
@@ -60,6 +67,10 @@ def test_json_format(make_server: type[Server]) -> None:
     starting = next(r for r in records if r["msg"].startswith("Starting anycable-gevent"))
     assert starting["level"] == "info" and starting["context"] == "main"
     assert any(r["level"] == "warn" and r["msg"].startswith("--noauth") for r in records)
+    closing = next(r for r in records if r.get("conn") == conn_ref(sid))
+    # the trailing key=value pairs of a message become fields; the text before them is msg
+    assert (closing["level"], closing["context"]) == ("info", "ws")
+    assert closing["msg"] == "closing: message of 300 bytes or more"
     metrics = next(r for r in records if r["context"] == "metrics")
     assert metrics["msg"] == ""
     assert metrics["clients_num"] == 0 and isinstance(metrics["publications_total"], int)
