@@ -22,9 +22,10 @@ Robustness, in the order a call meets it:
    parsing: ``null`` is accepted wherever a value may be missing, wrong types are an error.
 
 A failure never raises out of :class:`HTTPController`: connect and command calls return
-``Status.ERROR`` (the node then closes with 1011 or ignores the command, as SPEC §3.3-3.7
-say), a failed Disconnect is logged. Logs name the connection by a short non-reversible
-reference (``conn=``), never by its sid, and never print a secret.
+``Status.ERROR`` with the reason in ``error`` (the node logs it and closes with 1011 or
+ignores the command, as SPEC §3.3-3.7 say); a failed Disconnect is logged here. Reasons
+and log lines name a connection by :func:`~anycable_gevent.log.conn_ref` (``conn=``),
+never by its sid, and never contain a secret.
 
 Concurrency contract: every method may be called from any greenlet (connection readers,
 the Disconnect queue); calls block only the calling greenlet. The HTTP pool is created in
