@@ -9,6 +9,7 @@ the frame and keeps the connection).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,32 @@ def loads(text: str | bytes) -> Any:
         return json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+#: A JSON escape of a UTF-16 surrogate: the only way a decoded string can hold one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(raw: str | bytes, obj: Any) -> None:
+    """Refuse strings with an unpaired surrogate (``"\\ud800"``): they cannot be encoded
+    as UTF-8, so echoing or broadcasting them would fail later, far from the input.
+
+    Raises:
+        ProtocolError: such a string is present.
+    """
+    if isinstance(raw, str):
+        try:
+            probe = raw.encode()
+        except UnicodeEncodeError:
+            raise ProtocolError("string with an unpaired UTF-16 surrogate") from None
+    else:
+        probe = raw
+    if _SURROGATE_ESCAPE.search(probe) is None:
+        return  # the common case: no escape that could produce a surrogate
+    try:
+        _dumps(obj).encode()
+    except UnicodeEncodeError:
+        raise ProtocolError("string with an unpaired UTF-16 surrogate") from None
 
 
 # ---------------------------------------------------------------------------- client frames
@@ -155,6 +182,7 @@ def decode_command(raw: str | bytes) -> Command | None:
         return None
     if not isinstance(msg, dict):
         raise ProtocolError("frame must be a JSON object")
+    _check_unicode(raw, msg)
     command = msg.get("command", "")
     if not isinstance(command, str):
         raise ProtocolError("command must be a string")
@@ -385,6 +413,7 @@ def decode_publication(body: bytes | str) -> Publication:
         obj = loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"body is not valid JSON: {exc}") from None
+    _check_unicode(body, obj)
     if isinstance(obj, list):
         if not obj:
             raise ProtocolError("batch is empty")

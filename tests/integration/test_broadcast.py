@@ -197,6 +197,7 @@ def test_content_type_is_not_checked(server: Server) -> None:
         b"{}",
         b"42",
         b"[" * 100_000 + b"]" * 100_000,  # nested too deeply for the decoder
+        b'{"stream":"bc-invalid","data":"\\ud800"}',  # an unpaired surrogate: not encodable as UTF-8
         json.dumps({"stream": "bc-invalid", "data": {"x": 1}}).encode(),  # #38: data must be a string
         json.dumps({"stream": "", "data": '"x"'}).encode(),
         json.dumps({"data": '"x"'}).encode(),

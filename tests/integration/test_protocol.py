@@ -343,6 +343,7 @@ BAD_FRAMES = [
     '{"command":"history","identifier":"x","history":{"streams":{"a":{"offset":-1}}}}',
     '{"command":"ping","x":NaN}',
     '{"command":"ping","x":' + "[" * 30000 + "]" * 30000 + "}",  # nested too deeply for the decoder
+    '{"command":"subscribe","identifier":"\\ud800"}',  # an unpaired surrogate: not encodable as UTF-8
 ]
 
 

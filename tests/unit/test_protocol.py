@@ -125,6 +125,48 @@ def test_deeply_nested_json_raises_protocol_error() -> None:
         decode_publication('{"stream":"a","data":"1","meta":' + DEEP + "}")
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"command":"subscribe","identifier":"\\ud800"}',
+        b'{"command":"subscribe","identifier":"\\udfff"}',
+        '{"command":"whisper","identifier":"i","data":{"k":["\\udc00"]}}',
+        '{"command":"subscribe","identifier":"i","\\ud83d":1}',  # even in a key
+        '{"command":"subscribe","identifier":"\ud800"}',  # a raw surrogate in a str frame
+    ],
+)
+def test_unpaired_surrogates_are_refused(raw: str | bytes) -> None:
+    # they could not be encoded as UTF-8 when echoed back (reject_subscription) or relayed
+    with pytest.raises(ProtocolError, match="surrogate"):
+        decode_command(raw)
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_fine() -> None:
+    cmd = decode_command('{"command":"subscribe","identifier":"\\ud83d\\ude00 \\\\ud800"}')
+    assert cmd is not None and cmd.identifier == "\U0001f600 \\ud800"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"stream":"a","data":"\\ud800"}',
+        b'{"stream":"\\ud800","data":"1"}',
+        b'{"stream":"a","data":"1","meta":{"exclude_socket":"\\udc00"}}',
+        b'[{"stream":"a","data":"1"},{"stream":"b","data":"\\ud9ff"}]',
+    ],
+)
+def test_publications_with_unpaired_surrogates_are_refused(body: bytes) -> None:
+    with pytest.raises(ProtocolError, match="surrogate"):
+        decode_publication(body)
+
+
+def test_data_with_an_escaped_surrogate_inside_the_json_string_is_kept() -> None:
+    # data is itself JSON whose string holds an escape: it is relayed verbatim, never decoded to UTF-8
+    (msg,) = decode_publication(b'{"stream":"a","data":"\\"\\\\ud800\\""}')
+    assert msg.data == '"\\ud800"'
+    assert message_json(msg.data) == '"\\ud800"'
+
+
 def test_deeply_nested_broadcast_data_is_delivered_as_a_string() -> None:
     assert json.loads(message_json(DEEP)) == DEEP
 
