@@ -147,6 +147,17 @@ def test_default_broadcast_port_follows_the_key() -> None:
         assert broadcast(port, "cli/x", 1) == 401
 
 
+def test_broadcast_port_may_be_the_main_port() -> None:
+    port = free_port()
+    args = ["--host=127.0.0.1", f"--port={port}", f"--http_broadcast_port={port}", "--noauth", "--public_streams"]
+    with running(args, port):
+        with Client(f"ws://127.0.0.1:{port}/cable") as c:
+            c.expect_welcome()
+            c.subscribe(pubsub_id("cli/same-port"))
+            assert broadcast(port, "cli/same-port", "one port") == 201
+            assert c.recv()["message"] == "one port"
+
+
 # ---------------------------------------------------------------------- sources in the real process
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -117,3 +120,39 @@ def test_write_timeout_drops_a_stuck_client_when_the_backlog_is_unbounded(make_s
         assert metric(srv, "disconnected_slow_clients_total") == 0  # no backlog limit was involved
         fast.send({"command": "ping"})
         assert fast.recv() == {"type": "pong"}
+
+
+def wait_for_metric(srv: Server, name: str, value: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(srv, name) != value:
+        assert time.monotonic() < deadline, f"{name} stayed at {metric(srv, name)}, expected {value}"
+        time.sleep(0.05)
+
+
+def test_vanished_clients_leave_nothing_behind(bounded: Server) -> None:
+    """Sockets that drop without a close frame (or after a close, or mid-frame) are cleaned up."""
+    wait_for_metric(bounded, "clients_num", 0)
+    streams_before = metric(bounded, "broadcast_streams_num")
+    gone: list[RawWS] = []
+    for i in range(12):
+        ws = RawWS(bounded.port, protocols=[EXT])
+        assert ws.recv()["type"] == "welcome"
+        ws.send({"command": "subscribe", "identifier": pubsub_id(f"vanish-{i % 3}")})
+        assert ws.recv()["type"] == "confirm_subscription"
+        gone.append(ws)
+    wait_for_metric(bounded, "clients_num", 12)
+    assert metric(bounded, "broadcast_streams_num") == streams_before + 3
+    for i, ws in enumerate(gone):
+        if i % 3 == 0:
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+        elif i % 3 == 1:
+            ws.sock.sendall(b"\x81\xfe\x10\x00")  # the start of a frame that never comes
+        ws.close()
+    wait_for_metric(bounded, "clients_num", 0)
+    wait_for_metric(bounded, "broadcast_streams_num", streams_before)
+    # and broadcasts to those streams go nowhere without complaint
+    for i in range(3):
+        bounded.publish(f"vanish-{i}", "anyone?")
+    with connected(bounded) as c:
+        c.send({"command": "ping"})
+        assert c.recv() == {"type": "pong"}
