@@ -10,6 +10,7 @@ Writes never go through gevent-websocket (see :mod:`anycable_gevent.session`).
 
 from __future__ import annotations
 
+import binascii
 import logging
 import struct
 from typing import Any
@@ -167,7 +168,17 @@ class CableHandler(WebSocketHandler):
             return [b"Too many connections"]
         offered = self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
         self.environ["anycable.protocol"] = protocol.select_protocol(offered) if offered else None
-        return super().upgrade_websocket()
+        # gevent-websocket's own refusals are written for Python 2: HTTP/1.0 gets "402",
+        # a key that is not base64 raises binascii.Error, and bodies are str (a 500 here).
+        if self.request_version != "HTTP/1.1":
+            self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
+            return [b"WebSocket upgrade needs HTTP/1.1"]
+        try:
+            result = super().upgrade_websocket()
+        except binascii.Error:
+            self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
+            return [b"Invalid Sec-WebSocket-Key"]
+        return [part.encode() if isinstance(part, str) else part for part in result] if result else result
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         if status.startswith("101"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -227,6 +228,71 @@ def test_client_close_is_answered(server: Server) -> None:
         code, _ = ws.closed()
         assert code == 1000
         assert ws.wait_eof(5)
+
+
+# ---------------------------------------------------------------------- broken handshakes
+
+
+def raw_response(port: int, lines: list[str]) -> tuple[str, dict[str, str], bytes]:
+    """Send a hand-written request; read the whole response (status line, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, f"connection closed before the headers: {data!r}"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status, *rest = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in rest)}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(4096)
+            assert chunk, f"connection closed {length - len(body)} bytes before the end of the body"
+            body += chunk
+        return status, headers, body
+
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "status"),
+    [
+        ("no key", ["Sec-WebSocket-Version: 13"], "400"),
+        ("key not base64", ["Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: not base64!"], "400"),
+        ("key too short", ["Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: c2hvcnQ="], "400"),
+        ("unsupported version", ["Sec-WebSocket-Version: 12", f"Sec-WebSocket-Key: {KEY}"], "400"),
+        ("no version", [f"Sec-WebSocket-Key: {KEY}"], "426"),
+    ],
+)
+def test_broken_handshake_gets_a_complete_error_response(server: Server, name: str, lines: list[str], status: str):
+    request_lines = [
+        "GET /cable HTTP/1.1",
+        f"Host: 127.0.0.1:{server.port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        *lines,
+    ]
+    status_line, _, body = raw_response(server.port, request_lines)
+    assert status_line.split()[1] == status, name
+    assert body  # says what is wrong
+
+
+def test_http_1_0_upgrade_is_400(server: Server) -> None:
+    lines = ["GET /cable HTTP/1.0", "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 13"]
+    status_line, _, body = raw_response(server.port, [*lines, f"Sec-WebSocket-Key: {KEY}"])
+    assert status_line.split()[1] == "400"
+    assert body
+
+
+def test_server_survives_broken_handshakes(server: Server) -> None:
+    for lines in (["Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: !!"], ["Sec-WebSocket-Version: 13"]):
+        raw_response(
+            server.port, ["GET /cable HTTP/1.1", "Host: x", "Upgrade: websocket", "Connection: Upgrade", *lines]
+        )
+    with RawWS(server.port, protocols=[EXT]) as ws:
+        assert welcome_over(ws)["sid"]
 
 
 # ---------------------------------------------------------------------- routes
