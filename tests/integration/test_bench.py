@@ -83,7 +83,13 @@ def test_report_counts_every_delivery(bench_server: Server, tmp_path: Path) -> N
         assert fan["max"] == phase["latency_ms"]["max"]
         assert phase["latency_ms"]["p50"] <= fan["max"]
         assert phase["delivered_msgs_per_s"] > 0
-        for key in ("server_cpu_ms_per_1k", "server_cpu_pct", "loadgen_cpu_ms_per_1k", "loadgen_cpu_pct"):
+        for key in (
+            "server_cpu_ms_per_1k",
+            "server_cpu_pct",
+            "loadgen_cpu_ms_per_1k",
+            "loadgen_cpu_pct",
+            "loadgen_saturation_pct",
+        ):
             assert isinstance(phase[key], (int, float)) and phase[key] >= 0, (name, key, phase[key])
         assert phase["loadgen_workers_cpu_s"] <= phase["loadgen_cpu_s"]
         assert phase["server_rss_kb"] > 0

@@ -68,6 +68,7 @@ class PhaseRaw:
     server_cpu: float | None
     loadgen_cpu: float
     workers_cpu: float
+    busiest_cpu: float  # the load generator process (parent or one worker) that used the most CPU
     server_rss: int | None
     wakeups: int
 
@@ -131,11 +132,9 @@ class Bench:
             child_end.close()
             self.workers.append((pid, parent_end))
 
-    def _loadgen_cpu(self) -> tuple[float, float]:
-        """CPU seconds of (the whole load generator, its workers alone)."""
-        own = procfs.cpu_seconds([os.getpid()])
-        workers = procfs.cpu_seconds([pid for pid, _ in self.workers])
-        return own + workers, workers
+    def _loadgen_cpu(self) -> list[float]:
+        """CPU seconds of the parent, then of each worker."""
+        return [procfs.cpu_seconds([pid]) for pid in (os.getpid(), *(pid for pid, _ in self.workers))]
 
     # ------------------------------------------------------------------ connect
     def _connect(self) -> None:
@@ -184,9 +183,7 @@ class Bench:
             received = self.counters.total("received")
         t1 = time.monotonic()
         server_cpu = self.server.cpu() - server_cpu0 if self.server and server_cpu0 is not None else None
-        loadgen_cpu1 = self._loadgen_cpu()
-        loadgen_cpu = loadgen_cpu1[0] - loadgen_cpu0[0]
-        workers_cpu = loadgen_cpu1[1] - loadgen_cpu0[1]
+        used = [after - before for before, after in zip(loadgen_cpu0, self._loadgen_cpu(), strict=True)]
         server_rss = self.server.rss() if self.server else None
         got = received - received0
         late = "" if received >= target else f" (gave up after --wait {opts.wait:g} s)"
@@ -199,8 +196,9 @@ class Bench:
             t0,
             t1,
             server_cpu,
-            loadgen_cpu,
-            workers_cpu,
+            sum(used),
+            sum(used[1:]),
+            max(used),
             server_rss,
             self.counters.total("wakeups") - wakeups0,
         )
@@ -406,9 +404,18 @@ class Bench:
             "loadgen_cpu_ms_per_1k": _per_1k(ph.loadgen_cpu, delivered),
             "loadgen_cpu_pct": _pct(ph.loadgen_cpu, window),
             "loadgen_workers_cpu_s": round(ph.workers_cpu, 3),
+            "loadgen_saturation_pct": self._saturation(ph, window),
             "loadgen_wakeups": ph.wakeups,
             "server_rss_kb": ph.server_rss,
         }
+
+    def _saturation(self, ph: PhaseRaw, window: float) -> float | None:
+        """How close the load generator came to its ceiling: its busiest process's share of one
+        core, or its total share of the cores it may use, whichever is higher (percent)."""
+        if window <= 0:
+            return None
+        cores = min(len(os.sched_getaffinity(0)), self.opts.procs + 1)
+        return round(100.0 * max(ph.busiest_cpu / window, ph.loadgen_cpu / (window * cores)), 1)
 
 
 def _count(values: Any) -> dict[str, int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+SATURATED_PCT = 85.0
+
 
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values (q in 0..100)."""
@@ -92,6 +94,7 @@ def table(report: dict[str, Any]) -> str:
         ("server CPU % of a core", [_num(p["server_cpu_pct"]) for p in phases.values()]),
         ("loadgen CPU ms per 1k msgs", [_num(p["loadgen_cpu_ms_per_1k"], 2) for p in phases.values()]),
         ("loadgen CPU % (all procs)", [_num(p["loadgen_cpu_pct"]) for p in phases.values()]),
+        ("loadgen saturation %", [_num(p["loadgen_saturation_pct"]) for p in phases.values()]),
         ("server RSS at end MB", [_num(_mb(p.get("server_rss_kb"))) for p in phases.values()]),
     ]
     w0 = max(len(r[0]) for r in rows) + 2
@@ -100,6 +103,14 @@ def table(report: dict[str, Any]) -> str:
     lines.append(" " * w0 + "".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)))
     for label, cells in rows:
         lines.append(label.ljust(w0) + "".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
+    hot = [n for n, p in phases.items() if (p["loadgen_saturation_pct"] or 0) >= SATURATED_PCT]
+    if hot:
+        lines.append("")
+        lines.append(
+            f"WARNING: the load generator was near its limit in: {', '.join(hot)} (>= {SATURATED_PCT:g} % "
+            "saturation); that phase's throughput and latency may be its own, not the server's. "
+            "Give it more cores (--procs, --loadgen-cpus) or lower the rate."
+        )
     if report.get("duplicates"):
         lines.append("")
         lines.append(f"duplicate receipts (same client, same seq): {report['duplicates']:,}")
