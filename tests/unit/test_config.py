@@ -166,6 +166,12 @@ def test_boolean_env_false_overrides_file_true(conf_file) -> None:
     assert load(["--config", path], {"ANYCABLE_NOAUTH": "false"}).noauth is False
 
 
+def test_config_file_booleans(conf_file) -> None:
+    # a bare key means true (configargparse), and the usual words are understood
+    cfg = load(["--config", conf_file("noauth\npublic_streams = on\nstreams_presence = no\n")], {})
+    assert (cfg.noauth, cfg.public_streams, cfg.streams_presence) == (True, True, False)
+
+
 def test_default_true_boolean_can_be_turned_off() -> None:
     assert load(["--streams_presence=false"], {}).streams_presence is False
     assert load([], {"ANYCABLE_STREAMS_PRESENCE": "0"}).streams_presence is False
