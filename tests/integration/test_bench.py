@@ -166,12 +166,14 @@ def test_start_server_with_several_workers(tmp_path: Path) -> None:
         f"{sys.executable} -m anycable_gevent --host=127.0.0.1 --port={{port}} "
         "--http_broadcast_port={broadcast_port} --broker=none --public_streams --noauth"
     )
-    proc, report = run_bench(tmp_path, "--start-server", command, "--procs=3", "-n", "21", "-m", "4", *FAST)
+    proc, report = run_bench(
+        tmp_path, "--start-server", command, "--procs=3", "-n", "21", "-m", "4", "--burst-broadcasts=7", *FAST
+    )
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert report["config"]["procs"] == 3
     assert report["connect"]["subscribed"] == 21
-    for phase in report["phases"].values():
-        assert phase["delivered"] == phase["expected"] == 21 * 4
+    assert report["phases"]["latency"]["delivered"] == report["phases"]["latency"]["expected"] == 21 * 4
+    assert report["phases"]["burst"]["delivered"] == report["phases"]["burst"]["expected"] == 21 * 7
     pid = report["config"]["server_pid"]
     assert "--broker=none" in report["config"]["server_command"]
     assert not Path(f"/proc/{pid}").exists(), "the started server must be stopped after the run"

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.broadcasts,
         help="broadcasts per phase (default %(default)s)",
     )
+    g.add_argument(
+        "--burst-broadcasts",
+        type=_positive_int,
+        help="broadcasts in the burst phase (default: -m); more gives steadier burst CPU figures",
+    )
     g.add_argument("--rate", type=_positive, default=d.rate, help="latency phase, broadcasts/s (default %(default)g)")
     g.add_argument(
         "--burst-rate",
@@ -155,6 +160,7 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optio
     opts = Options(
         clients=args.clients,
         broadcasts=args.broadcasts,
+        burst_broadcasts=args.burst_broadcasts,
         rate=args.rate,
         burst_rate=args.burst_rate,
         payload=args.payload,

@@ -34,6 +34,7 @@ class Options:
     broadcast_url: str = "http://127.0.0.1:8090/_broadcast"
     clients: int = 1000
     broadcasts: int = 50
+    burst_broadcasts: int | None = None  # None: as many as the latency phase
     rate: float = 5.0
     burst_rate: float = 1000.0
     payload: int = 200
@@ -50,6 +51,12 @@ class Options:
     local_addrs: list[str] = field(default_factory=list)
     server_pid: int | None = None
     progress: bool = True
+
+    @property
+    def burst_count(self) -> int:
+        if self.burst_rate <= 0:
+            return 0
+        return self.broadcasts if self.burst_broadcasts is None else self.burst_broadcasts
 
     def resolved_identifier(self) -> str:
         if self.identifier is not None:
@@ -103,7 +110,7 @@ class Bench:
     def _fork_workers(self) -> None:
         opts = self.opts
         family, sockaddr, host_header, path = self._target()
-        total_seqs = opts.broadcasts * (2 if opts.burst_rate > 0 else 1)
+        total_seqs = opts.broadcasts + opts.burst_count
         per_conc = max(1, -(-opts.connect_concurrency // opts.procs))
         for i in range(opts.procs):
             share = opts.clients // opts.procs + (1 if i < opts.clients % opts.procs else 0)
@@ -260,11 +267,10 @@ class Bench:
             if subscribed:
                 m = opts.broadcasts
                 phases.append(self._phase("latency", list(range(1, m + 1)), opts.rate, poster, subscribed))
-                if opts.burst_rate > 0:
+                if opts.burst_count:
                     time.sleep(min(opts.settle, 0.5))
-                    phases.append(
-                        self._phase("burst", list(range(m + 1, 2 * m + 1)), opts.burst_rate, poster, subscribed)
-                    )
+                    burst = list(range(m + 1, m + opts.burst_count + 1))
+                    phases.append(self._phase("burst", burst, opts.burst_rate, poster, subscribed))
             results = self._collect(phases) if phases else []
         finally:
             poster.close()
@@ -326,6 +332,7 @@ class Bench:
                 "broadcast_url": opts.broadcast_url,
                 "clients": opts.clients,
                 "broadcasts": opts.broadcasts,
+                "burst_broadcasts": opts.burst_count,
                 "rate": opts.rate,
                 "burst_rate": opts.burst_rate,
                 "payload": opts.payload,

@@ -56,7 +56,7 @@ def table(report: dict[str, Any]) -> str:
     con = report["connect"]
     mem = report["memory"]
     lines = [
-        f"broadcast bench: N={cfg['clients']:,} clients, M={cfg['broadcasts']} broadcasts per phase, "
+        f"broadcast bench: N={cfg['clients']:,} clients, {cfg['broadcasts']} + {cfg['burst_broadcasts']} broadcasts, "
         f"payload {cfg['payload']} B, {cfg['procs']} loadgen proc(s)",
         f"  cable {cfg['url']}   broadcast {cfg['broadcast_url']}"
         + (f"   server pid {cfg['server_pid']}" if cfg.get("server_pid") else ""),
