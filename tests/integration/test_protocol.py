@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import BASE, EXT, Client, Server, connected, pubsub_id
+from helpers import BASE, EXT, Client, RawWS, Server, connected, pubsub_id
 
 
 @pytest.fixture(scope="module")
@@ -368,8 +368,6 @@ def test_bad_frames_in_a_burst_do_not_stop_the_reader(server: Server) -> None:
 
 
 def test_invalid_utf8_text_frame_is_dropped(server: Server) -> None:
-    from helpers import RawWS
-
     with RawWS(server.port, protocols=[EXT]) as ws:
         assert ws.recv()["type"] == "welcome"
         ws.send_frame(b'{"command":"\xff"}')

@@ -6,10 +6,12 @@ Turbo Streams, whispers. None of these servers has an RPC backend.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
 
+import jwt
 import pytest
 from helpers import BASE, EXT, Client, RawWS, Server, connected, jwt_token, pubsub_id, signed_id
 
@@ -276,8 +278,6 @@ def test_bad_token_is_unauthorized(standalone: Server, bad: str) -> None:
 
 
 def test_unsigned_token_is_unauthorized(standalone: Server) -> None:
-    import base64
-
     def part(obj: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
 
@@ -288,8 +288,6 @@ def test_unsigned_token_is_unauthorized(standalone: Server) -> None:
 
 @pytest.mark.parametrize("alg", ["HS384", "HS512"])
 def test_other_hmac_algorithms(standalone: Server, alg: str) -> None:
-    import jwt
-
     t = jwt.encode({"ext": "{}", "exp": int(time.time()) + 60}, "s3Krit", algorithm=alg)
     with Client(standalone.url + f"?jid={t}") as c:
         c.expect_welcome()
