@@ -179,6 +179,30 @@ def test_start_server_with_several_workers(tmp_path: Path) -> None:
     assert not Path(f"/proc/{pid}").exists(), "the started server must be stopped after the run"
 
 
+def test_start_server_with_one_port_for_both(tmp_path: Path) -> None:
+    command = (
+        f"{sys.executable} -m anycable_gevent --host=127.0.0.1 --port={{port}} --http_broadcast_port={{port}} "
+        "--public_streams --noauth"
+    )
+    proc, report = run_bench(
+        tmp_path,
+        "--start-server",
+        command,
+        "--broadcast-url=http://127.0.0.1:{port}/_broadcast",
+        "-n",
+        "3",
+        "-m",
+        "2",
+        *FAST,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    cfg = report["config"]
+    port = cfg["url"].split(":")[2].split("/")[0]
+    assert cfg["broadcast_url"] == f"http://127.0.0.1:{port}/_broadcast"
+    assert f"--http_broadcast_port={port}" in cfg["server_command"]
+    assert report["phases"]["burst"]["delivered"] == 6
+
+
 def test_setup_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     proc, report = run_bench(tmp_path, "--url=http://127.0.0.1:1/cable", "-n", "1")
     assert proc.returncode == 2 and report == {}

@@ -193,18 +193,27 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optio
 
 
 def _server_command(args: argparse.Namespace, opts: Options) -> str | None:
-    """--start-server with its {port} placeholders filled in; sets the default URLs to match."""
+    """--start-server with its {port} placeholders filled in; the URLs follow.
+
+    The default --url / --broadcast-url use the ports the command got, and the same
+    placeholders may appear in explicit URLs (a server with one port for both).
+    """
     command: str | None = args.start_server
-    if command and "{port}" in command:
-        port = free_port()
-        command = command.replace("{port}", str(port))
-        opts.url = f"ws://127.0.0.1:{port}/cable"
-    if command and "{broadcast_port}" in command:
-        bport = free_port()
-        command = command.replace("{broadcast_port}", str(bport))
-        opts.broadcast_url = f"http://127.0.0.1:{bport}/_broadcast"
+    ports: dict[str, str] = {}
+    if command:
+        for name in ("port", "broadcast_port"):
+            if "{" + name + "}" in command:
+                ports[name] = str(free_port())
+                command = command.replace("{" + name + "}", ports[name])
+    if "port" in ports:
+        opts.url = f"ws://127.0.0.1:{ports['port']}/cable"
+    if "broadcast_port" in ports:
+        opts.broadcast_url = f"http://127.0.0.1:{ports['broadcast_port']}/_broadcast"
     opts.url = args.url or opts.url
     opts.broadcast_url = args.broadcast_url or opts.broadcast_url
+    for name, value in ports.items():
+        opts.url = opts.url.replace("{" + name + "}", value)
+        opts.broadcast_url = opts.broadcast_url.replace("{" + name + "}", value)
     return command
 
 
