@@ -63,6 +63,7 @@ def test_report_counts_every_delivery(bench_server: Server, tmp_path: Path) -> N
     assert con["requested"] == con["connected"] == con["subscribed"] == N
     assert con["failed"] == 0 and con["errors"] == {}
     assert con["rate_per_s"] > 0
+    assert con["server_cpu_s"] >= 0 and con["loadgen_cpu_s"] >= 0
     assert_latency_summary(con["handshake_ms"])
 
     mem = report["memory"]

@@ -73,11 +73,14 @@ class ProcessTree:
     def pids(self) -> list[int]:
         return descendants(self.root) if alive(self.root) else []
 
-    def cpu(self) -> float:
-        return cpu_seconds(self.pids())
+    def cpu(self) -> float | None:
+        """CPU seconds of the tree, or None once the server is gone (a delta would be meaningless)."""
+        pids = self.pids()
+        return cpu_seconds(pids) if pids else None
 
-    def rss(self) -> int:
-        return rss_kb(self.pids())
+    def rss(self) -> int | None:
+        pids = self.pids()
+        return rss_kb(pids) if pids else None
 
 
 def raise_nofile() -> tuple[int, int]:

@@ -92,6 +92,7 @@ class Bench:
         self.workers: list[tuple[int, socket.socket]] = []
         self.counters = Counters(opts.procs)
         self.connect_reports: list[dict[str, Any]] = []
+        self.connect_cpu: dict[str, float | None] = {"server_cpu_s": None, "loadgen_cpu_s": None}
 
     # ------------------------------------------------------------------ setup
     def _target(self) -> tuple[int, tuple[Any, ...], str, str]:
@@ -175,7 +176,10 @@ class Bench:
     def _phase(self, name: str, seqs: list[int], rate: float, poster: Poster, subscribed: int) -> PhaseRaw:
         opts = self.opts
         _say(opts, f"{name}: {len(seqs)} broadcasts at {rate:g}/s to {subscribed:,} clients")
-        poster.warm_up()
+        try:
+            poster.warm_up()
+        except OSError:
+            pass  # the run records each POST that cannot connect
         received0 = self.counters.total("received")
         wakeups0 = self.counters.total("wakeups")
         server_cpu0 = self.server.cpu() if self.server else None
@@ -189,7 +193,8 @@ class Bench:
             time.sleep(0.002)
             received = self.counters.total("received")
         t1 = time.monotonic()
-        server_cpu = self.server.cpu() - server_cpu0 if self.server and server_cpu0 is not None else None
+        server_cpu1 = self.server.cpu() if self.server else None
+        server_cpu = server_cpu1 - server_cpu0 if server_cpu0 is not None and server_cpu1 is not None else None
         used = [after - before for before, after in zip(loadgen_cpu0, self._loadgen_cpu(), strict=True)]
         server_rss = self.server.rss() if self.server else None
         got = received - received0
@@ -256,9 +261,15 @@ class Bench:
             raise BenchError(f"broadcast URL {opts.broadcast_url}: {exc}") from None
         baseline_rss = self.server.rss() if self.server else None
         _say(opts, f"connecting {opts.clients:,} clients to {opts.url} ({opts.procs} proc(s))")
+        server_cpu0 = self.server.cpu() if self.server else None
+        parent_cpu0 = procfs.cpu_seconds([os.getpid()])
         try:
             self._fork_workers()
             self._connect()
+            server_cpu1 = self.server.cpu() if self.server else None
+            if server_cpu0 is not None and server_cpu1 is not None:
+                self.connect_cpu["server_cpu_s"] = round(server_cpu1 - server_cpu0, 3)
+            self.connect_cpu["loadgen_cpu_s"] = round(sum(self._loadgen_cpu()) - parent_cpu0, 3)
             subscribed = sum(r["subscribed"] for r in self.connect_reports)
             if opts.settle > 0:
                 time.sleep(opts.settle)
@@ -306,6 +317,7 @@ class Bench:
             "wall_s": round(wall, 4),
             "rate_per_s": round(subscribed / wall, 1) if wall > 0 else None,
             "handshake_ms": stats.summary(handshakes),
+            **self.connect_cpu,
         }
         memory: dict[str, Any] = {"baseline_rss_kb": baseline_rss, "idle_rss_kb": idle_rss, "rss_kb_per_conn": None}
         if baseline_rss is not None and idle_rss is not None and subscribed:

@@ -64,6 +64,8 @@ def table(report: dict[str, Any]) -> str:
         f"connect     {con['subscribed']:,}/{con['requested']:,} subscribed, {con['failed']:,} failed, "
         f"in {_num(con['wall_s'], 2)} s = {_num(con['rate_per_s'], 0)} conns/s; "
         f"handshake p50/p99/max {_ms(con['handshake_ms'], 'p50', 'p99', 'max')} ms",
+        f"            CPU while connecting: server {_num(con.get('server_cpu_s'), 2)} s, "
+        f"load generator {_num(con.get('loadgen_cpu_s'), 2)} s",
     ]
     for err, n in list(con.get("errors", {}).items())[:3]:
         lines.append(f"            {n:,} x {err}")
