@@ -445,10 +445,10 @@ class Node:
         """Send what this subscription has not had yet and advance its position."""
         lo, pos = ss.lo, ss.pos
         prefix = ss.group.prefix
-        for m in msgs:
-            if lo and lo <= m.offset <= pos:
-                continue  # delivered live already
-            session.write(protocol.ws_frame(prefix + m.tail()))
+        frame = protocol.ws_frame
+        frames = [frame(prefix + m.tail()) for m in msgs if not (lo and lo <= m.offset <= pos)]  # not yet delivered
+        if frames:
+            session.write(b"".join(frames))  # one write for the whole reply
         if msgs:
             first, last = msgs[0].offset, msgs[-1].offset
             if not lo or first < lo:

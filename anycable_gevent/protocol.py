@@ -278,12 +278,21 @@ class StreamMessage:
     ts: int = 0
     #: Cached ``,"message":…[,"stream_id":…,"epoch":…,"offset":N]}`` tail of every frame.
     _tail: bytes | None = field(default=None, repr=False, compare=False)
+    #: Cached JSON text of the ``message`` value (see :func:`message_json`).
+    _json: str | None = field(default=None, repr=False, compare=False)
+
+    def message(self) -> str:
+        """The ``message`` value as JSON text, validated once per message."""
+        text = self._json
+        if text is None:
+            text = self._json = message_json(self.data)
+        return text
 
     def tail(self) -> bytes:
         """Everything after the identifier in a data frame, encoded once per message."""
         tail = self._tail
         if tail is None:
-            parts = [',"message":', message_json(self.data)]
+            parts = [',"message":', self.message()]
             if self.epoch:
                 parts.append(f',"stream_id":{dumps(self.stream)},"epoch":{dumps(self.epoch)},"offset":{self.offset}')
             parts.append("}")

@@ -40,9 +40,11 @@ def new_epoch() -> str:
 class _Stream:
     """One stream's counter and history.
 
-    History entries are ``(data, ts)`` pairs; their offsets are implied by position
-    (the last entry has ``offset``, the ones before it count down), which keeps a
-    stored message at its payload plus ~70 bytes.
+    History entries are ``(data, ts, json)`` tuples: ``json`` is the message's JSON text
+    when it differs from ``data`` (data that is not JSON), else None, so a history
+    reply never parses a payload again. Offsets are implied by position (the last
+    entry has ``offset``, the ones before it count down), which keeps a stored message
+    at its payload plus ~80 bytes.
     """
 
     __slots__ = ("name", "offset", "entries", "deadline", "scheduled")
@@ -50,7 +52,7 @@ class _Stream:
     def __init__(self, name: str, offset: int) -> None:
         self.name = name
         self.offset = offset
-        self.entries: deque[tuple[str, int]] = deque()
+        self.entries: deque[tuple[str, int, str | None]] = deque()
         self.deadline = 0.0
         self.scheduled = False
 
@@ -64,8 +66,8 @@ class _Stream:
         name = self.name
         first = self.offset - len(self.entries) + 1
         return [
-            StreamMessage(stream=name, data=data, offset=first + i, epoch=epoch, ts=ts)
-            for i, (data, ts) in enumerate(itertools.islice(self.entries, start, None), start)
+            StreamMessage(stream=name, data=data, offset=first + i, epoch=epoch, ts=ts, _json=text or data)
+            for i, (data, ts, text) in enumerate(itertools.islice(self.entries, start, None), start)
         ]
 
 
@@ -148,7 +150,8 @@ class MemoryBroker(Broker):
         stream.deadline = now + STREAM_LIFETIME_TTLS * self.history_ttl
         if self.history_limit > 0:
             entries = stream.entries
-            entries.append((msg.data, ts))
+            text = msg.message()  # validated once here; the fan-out reuses it
+            entries.append((msg.data, ts, None if text is msg.data else text))
             if len(entries) > self.history_limit:
                 entries.popleft()
         if not stream.scheduled:
@@ -181,7 +184,7 @@ class MemoryBroker(Broker):
         s = self._streams.get(stream)
         if s is None:
             return []
-        for start, (_, ts) in enumerate(s.entries):
+        for start, (_, ts, _) in enumerate(s.entries):
             if ts >= since:
                 return s.messages(start, self.epoch)
         return []

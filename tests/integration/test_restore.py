@@ -226,7 +226,7 @@ def test_no_restore_when_sessions_are_off(make_server: type[Server], flags: list
 
 
 def test_jwt_session_is_not_restored_after_the_token_expired(make_server: type[Server]) -> None:
-    secret = "jwt-restore-secret"
+    secret = "jwt-restore-secret-0123456789abcdef"
     srv = make_server("--public_streams", f"--jwt_secret={secret}").start()
     token = jwt_token({"ext": '{"user":"u1"}', "exp": int(time.time()) + 2}, secret)
     c = Client(f"{srv.url}?jid={token}")
