@@ -36,11 +36,16 @@ MAX_BATCH = 64
 
 
 def _coalescible(msgs: list[StreamMessage]) -> bool:
-    """Registered, increasing, same epoch, nothing per-recipient: one buffer fits all."""
+    """One buffer fits every subscriber: nothing per-recipient, and either no offsets at
+    all (no broker, transient) or registered messages with increasing offsets of one epoch."""
+    if any(m.exclude_socket or m.broadcast_type for m in msgs):
+        return False
+    if not any(m.offset for m in msgs):
+        return True
     epoch = msgs[0].epoch
     prev = 0
     for m in msgs:
-        if not m.offset or m.offset <= prev or m.epoch != epoch or m.exclude_socket or m.broadcast_type:
+        if m.offset <= prev or m.epoch != epoch:
             return False
         prev = m.offset
     return True
@@ -298,6 +303,16 @@ class Hub:
             prefix = group.prefix
             frames = [ws_frame(prefix + tail) for tail in tails]
             joined = b"".join(frames)
+            if not last:  # no offsets: plain delivery, in arrival order
+                members = tuple(group.members)
+                for sub in members:
+                    sub.write(joined)
+                for sub in tuple(group.held):
+                    if sub.held is not None:
+                        sub.held.extend(zip(offsets, frames, strict=True))
+                sent += len(members) * count
+                nbytes += len(members) * len(joined)
+                continue
             if group.epoch != epoch:
                 self._new_epoch(group, epoch)
             group.last = last

@@ -190,3 +190,16 @@ def test_queued_run_with_transient_or_excluded_goes_one_by_one() -> None:
     assert a.offsets() == [1, 0]
     assert b.offsets() == [1, 0, 2]
     assert len(b.frames) == 3
+
+
+def test_queued_run_without_offsets_is_coalesced_too() -> None:
+    """--broker=none (and transient runs): one write per subscriber, held ones buffered in order."""
+    hub = Hub()
+    a, b = FakeSession("a"), FakeSession("b")
+    hub.join(a, "id", "s")
+    held = hub.join(b, "id", "s", held=True)
+    hub.broadcast_many([msg("s", 0, data='{"n":1}'), msg("s", 0, data='{"n":2}')])
+    assert len(a.frames) == 1
+    assert [m["message"] for m in a.messages()] == [{"n": 1}, {"n": 2}]
+    hub.release(held)
+    assert [m["message"] for m in b.messages()] == [{"n": 1}, {"n": 2}]
