@@ -3,6 +3,13 @@
 It knows the other parts only through their interfaces (controller, broker, pub/sub,
 hub). Connection-scoped methods run in that connection's greenlet, one at a time, so a
 connection's commands and replies keep their order (SPEC §2.4).
+
+Presence (SPEC §4.8): a subscription whose channel state names a presence stream
+(``$p``) may join and leave that stream's presence set, by command or by RPC result.
+The broker keeps the set; the node publishes each join/leave event to the presence
+stream as a transient ``presence`` broadcast, so every subscriber (the sender too) sees
+it. A connection's presence outlives it by ``presence_ttl``: one ticker keeps connected
+sessions' presence alive, and the broker expires the rest (leave events again).
 """
 
 from __future__ import annotations
@@ -23,14 +30,15 @@ from anycable_gevent.controllers.base import (
     CommandResult,
     Connection,
     Controller,
+    Presence,
     Status,
 )
 from anycable_gevent.disconnector import DisconnectQueue
-from anycable_gevent.errors import HistoryError, ProtocolError
+from anycable_gevent.errors import BrokerError, HistoryError, ProtocolError
 from anycable_gevent.hub import Hub, StreamSub
 from anycable_gevent.metrics import Metrics
 from anycable_gevent.pinger import Pinger
-from anycable_gevent.protocol import Command, HistoryRequest, RemoteCommand, StreamMessage
+from anycable_gevent.protocol import Command, HistoryRequest, PresenceEvent, RemoteCommand, StreamMessage
 from anycable_gevent.pubsub import PubSub
 from anycable_gevent.session import Session, Subscription
 
@@ -83,6 +91,10 @@ class Node:
         self.resumable = broker.supports_sessions and cfg.sessions_ttl > 0
         self.shutting_down = False
         self._toucher: gevent.Greenlet | None = None
+        #: Connected sessions that joined a presence set (their presence is kept alive).
+        self.present: dict[Session, None] = {}
+        self._presence_ticker: gevent.Greenlet | None = None
+        broker.presence_handler = self._publish_presence
         metrics.gauge("clients_num", lambda: len(self.sessions))
         metrics.gauge("clients_uniq_num", lambda: len(self.by_identifiers))
         metrics.gauge("broadcast_streams_num", lambda: hub.streams_count)
@@ -103,6 +115,8 @@ class Node:
         self.disconnector.start()
         if self.resumable:
             self._toucher = gevent.spawn(self._touch_loop)
+        if self.broker.supports_presence:
+            self._presence_ticker = gevent.spawn(self._presence_loop)
 
     def _touch_loop(self) -> None:
         period = max(self.cfg.sessions_ttl / 2.0, 0.5)
@@ -112,6 +126,16 @@ class Node:
                 self.broker.touch_sessions([s.sid for s in self.sessions if s.ext and s.authenticated])
             except Exception:
                 log.exception("session keepalive failed")
+
+    def _presence_loop(self) -> None:
+        """Keep connected sessions' presence alive: one ticker for all of them."""
+        period = max(self.cfg.presence_ttl / 2.0, 0.5)
+        while True:
+            gevent.sleep(period)
+            try:
+                self.broker.touch_presence([s.sid for s in self.present])
+            except Exception:
+                log.exception("presence keepalive failed")
 
     def shutdown(self, deadline: float) -> None:
         """Disconnect every client (server_restart), flush Disconnect calls, stop parts."""
@@ -128,6 +152,8 @@ class Node:
         self.pinger.shutdown()
         if self._toucher is not None:
             self._toucher.kill(block=False)
+        if self._presence_ticker is not None:
+            self._presence_ticker.kill(block=False)
         self.controller.shutdown(max(deadline - time.monotonic(), 0.0))
         self.broker.shutdown()
         self.hub.shutdown()
@@ -240,6 +266,10 @@ class Node:
         for sub in session.subscriptions.values():
             for ss in sub.streams.values():
                 self._leave(ss)
+        if session in self.present:
+            del self.present[session]
+            # kept for presence_ttl from now, so that a quick reconnect causes no leave/join
+            self.broker.touch_presence((session.sid,))
         if not session.authenticated:
             return
         if session.ext and self.resumable:
@@ -309,6 +339,8 @@ class Node:
             self._commit(session)
             if history is not None and identifier in session.subscriptions:
                 self._history(session, sub, history)
+            if cmd.presence is not None and identifier in session.subscriptions:
+                self._join_presence(session, sub, cmd.presence)
         else:
             self._apply(session, None, result)
 
@@ -323,9 +355,13 @@ class Node:
             log.warning("unsubscribe error conn=%s error=%s", session.ref, result.error)
             return
         result.stop_streams = True
+        stream = sub.istate.get(protocol.PRESENCE_STATE_KEY)
         self._apply(session, sub, result)
         session.subscriptions.pop(cmd.identifier, None)
         self._commit(session)
+        if stream:
+            # Unsubscribing leaves the presence set too (after the streams: the leaver is not told).
+            self._presence_change(session, stream, protocol.PRESENCE_LEAVE)
 
     def _perform(self, session: Session, cmd: Command) -> None:
         sub = session.subscriptions.get(cmd.identifier)
@@ -357,6 +393,36 @@ class Node:
         msg = StreamMessage(stream=stream, data=protocol.dumps(cmd.data), exclude_socket=session.sid, transient=True)
         self.pubsub.broadcast(msg)
 
+    def _join_command(self, session: Session, cmd: Command) -> None:
+        sub = session.subscriptions.get(cmd.identifier)
+        if sub is None or cmd.presence is None or not self._join_presence(session, sub, cmd.presence):
+            self.metrics.inc("failed_client_msg_total")
+
+    def _leave_command(self, session: Session, cmd: Command) -> None:
+        sub = session.subscriptions.get(cmd.identifier)
+        stream = sub.istate.get(protocol.PRESENCE_STATE_KEY) if sub is not None else None
+        if not stream or not self._presence_change(session, stream, protocol.PRESENCE_LEAVE):
+            self.metrics.inc("failed_client_msg_total")
+
+    def _presence_command(self, session: Session, cmd: Command) -> None:
+        """Who is present: ``{"type":"info","total":N,"records":[…]}``, or ``error``."""
+        sub = session.subscriptions.get(cmd.identifier)
+        stream = sub.istate.get(protocol.PRESENCE_STATE_KEY) if sub is not None else None
+        if not stream:
+            self.metrics.inc("failed_client_msg_total")
+            log.debug("presence request ignored (no presence stream) sid=%s", session.sid)
+            return
+        # Go ignores these options (SPEC §13.2); honoured here as its docs describe them.
+        data = cmd.data
+        with_records = not (isinstance(data, dict) and data.get("return_records") is False)
+        try:
+            info = self.broker.presence_info(stream)
+        except BrokerError as exc:
+            log.debug("presence info failed sid=%s error=%s", session.sid, exc)
+            session.write_text(protocol.presence_error(cmd.identifier))
+            return
+        session.write_text(protocol.presence_info(cmd.identifier, info, with_records))
+
     def _ping(self, session: Session, cmd: Command) -> None:
         session.write_text(protocol.PONG)
 
@@ -369,6 +435,9 @@ class Node:
         "message": _perform,
         "history": _history_command,
         "whisper": _whisper,
+        "join": _join_command,
+        "leave": _leave_command,
+        "presence": _presence_command,
         "ping": _ping,
         "pong": _pong,
     }
@@ -396,9 +465,58 @@ class Node:
         changed = _merge(session.env.cstate, result.cstate) or changed
         for text in result.transmissions:
             session.write_text(text)
+        if result.presence is not None and sub is not None:
+            self._rpc_presence(session, sub, result.presence)
         if result.disconnect:
             session.close(protocol.CLOSE_NORMAL, "Command Failed")
         return changed
+
+    # ------------------------------------------------------------------ presence
+    def _join_presence(self, session: Session, sub: Subscription, presence: dict[str, Any]) -> bool:
+        """Join ``sub``'s presence stream as ``presence["id"]``. False = ignored."""
+        stream = sub.istate.get(protocol.PRESENCE_STATE_KEY)
+        pid = presence.get("id")
+        if not stream or not isinstance(pid, str) or not pid:
+            log.debug("presence join ignored sid=%s identifier=%s", session.sid, sub.identifier)
+            return False
+        return self._presence_change(session, stream, protocol.PRESENCE_JOIN, pid, presence.get("info"))
+
+    def _rpc_presence(self, session: Session, sub: Subscription, presence: Presence) -> None:
+        """SPEC §3.9 step 7: a join or leave asked for by the backend (``info`` already decoded)."""
+        stream = sub.istate.get(protocol.PRESENCE_STATE_KEY)
+        if not stream:
+            log.debug("RPC presence ignored (no presence stream) sid=%s identifier=%s", session.sid, sub.identifier)
+        elif presence.type == protocol.PRESENCE_JOIN and presence.id:
+            self._presence_change(session, stream, protocol.PRESENCE_JOIN, presence.id, presence.info)
+        elif presence.type == protocol.PRESENCE_LEAVE:
+            self._presence_change(session, stream, protocol.PRESENCE_LEAVE)
+        else:
+            log.debug("RPC presence ignored sid=%s type=%r", session.sid, presence.type[:20])
+
+    def _presence_change(self, session: Session, stream: str, kind: str, pid: str = "", info: Any = None) -> bool:
+        """Join or leave ``stream``'s presence set; publish the event it causes. False = refused."""
+        try:
+            if kind == protocol.PRESENCE_JOIN:
+                event = self.broker.presence_join(stream, session.sid, pid, info)
+                self.present[session] = None
+            else:
+                event = self.broker.presence_leave(stream, session.sid)
+        except BrokerError as exc:
+            log.debug("presence %s refused sid=%s error=%s", kind, session.sid, exc)
+            return False
+        if event is not None:
+            self._publish_presence(stream, event)
+        return True
+
+    def _publish_presence(self, stream: str, event: PresenceEvent) -> None:
+        """Every subscriber of the presence stream gets ``{"type":"presence",…}`` (not stored)."""
+        msg = StreamMessage(
+            stream=stream,
+            data=event.to_json(),
+            transient=True,
+            broadcast_type=protocol.PRESENCE_TYPE,
+        )
+        self.pubsub.broadcast(msg)
 
     # ------------------------------------------------------------------ history
     def _history(self, session: Session, sub: Subscription, req: HistoryRequest) -> None:

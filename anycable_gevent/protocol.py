@@ -192,8 +192,11 @@ def decode_command(raw: str | bytes) -> Command | None:
     if not isinstance(identifier, str):
         raise ProtocolError("identifier must be a string")
     presence = msg.get("presence")
-    if presence is not None and not isinstance(presence, dict):
-        raise ProtocolError("presence must be an object")
+    if presence is not None:
+        if not isinstance(presence, dict):
+            raise ProtocolError("presence must be an object")
+        if not isinstance(presence.get("id", ""), str):
+            raise ProtocolError("presence.id must be a string")
     return Command(
         command=command,
         identifier=identifier,
@@ -258,6 +261,56 @@ def message_json(data: str) -> str:
     if value is None:
         return dumps(data)
     return data
+
+
+PRESENCE_JOIN = "join"
+PRESENCE_LEAVE = "leave"
+#: ``type`` of the frames and broadcasts that carry presence (SPEC §4.8).
+PRESENCE_TYPE = "presence"
+
+
+@dataclass(frozen=True)
+class PresenceEvent:
+    """A change of a stream's presence set: someone (``id``) joined or left."""
+
+    type: str
+    id: str
+    info: Any = None
+
+    def to_json(self) -> str:
+        """The ``message`` of a presence frame: ``info`` only on a join, and only when given."""
+        msg: dict[str, Any] = {"type": self.type, "id": self.id}
+        if self.type == PRESENCE_JOIN and self.info is not None:
+            msg["info"] = self.info
+        return dumps(msg)
+
+
+@dataclass(frozen=True)
+class PresenceInfo:
+    """A stream's presence set: every presence id with its latest info."""
+
+    total: int = 0
+    records: list[tuple[str, Any]] = field(default_factory=list)
+
+
+def presence_info(identifier: str, info: PresenceInfo, with_records: bool = True) -> str:
+    """Reply to a ``presence`` command; ``records`` is left out when empty (as Go does)."""
+    message: dict[str, Any] = {"type": "info", "total": info.total}
+    if with_records and info.records:
+        message["records"] = [_presence_record(pid, data) for pid, data in info.records]
+    return dumps({"type": PRESENCE_TYPE, "identifier": identifier, "message": message})
+
+
+def _presence_record(pid: str, info: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": pid}
+    if info is not None:
+        record["info"] = info
+    return record
+
+
+def presence_error(identifier: str) -> str:
+    """Reply to a ``presence`` command the broker could not answer."""
+    return dumps({"type": PRESENCE_TYPE, "identifier": identifier, "message": {"type": "error", "total": 0}})
 
 
 # ---------------------------------------------------------------------------- broadcasts

@@ -174,7 +174,7 @@ class JSClient:
 
     # ------------------------------------------------------------------ control
     def send(self, cmd: str, **fields: Any) -> None:
-        """A control command (needs ``control=True``): drop, offline, online, whisper, exit."""
+        """A control command (needs ``control=True``): drop, offline, online, whisper, join, leave, presence, exit."""
         assert self.proc.stdin is not None, "started without control"
         self.proc.stdin.write((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
         self.proc.stdin.flush()

@@ -14,5 +14,6 @@ def build_broker(cfg: Config) -> Broker:
             history_limit=cfg.history_limit,
             history_ttl=cfg.history_ttl,
             sessions_ttl=cfg.sessions_ttl,
+            presence_ttl=cfg.presence_ttl,
         )
     return NullBroker()

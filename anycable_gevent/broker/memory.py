@@ -1,4 +1,4 @@
-"""In-process broker: per-stream history ring, offsets, epoch, session snapshots.
+"""In-process broker: per-stream history ring, offsets, epoch, session snapshots, presence.
 
 One worker only (each process would have its own epoch and offsets; the config
 refuses ``--broker=memory`` with several workers). No method yields, so no locks are
@@ -9,6 +9,12 @@ Offsets are never reused within an epoch: an idle stream's counter outlives its
 messages by ``10 × history_ttl`` (as in anycable-go); when it is finally dropped, its
 last offset is folded into a small table of per-bucket floors, and a stream created
 again in that bucket continues above the floor instead of restarting at 1.
+
+Presence: stream → presence id → (latest info, the sessions holding it), and sid →
+(stream → presence id, deadline). A session's presence lives until ``presence_ttl`` after
+its last touch (the node touches connected sessions, and each one once when it goes);
+the sweep then removes it, and every presence id left without a session gives a leave
+event, handed to :attr:`~anycable_gevent.broker.base.Broker.presence_handler`.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from collections.abc import Callable, Iterable
 import gevent
 
 from anycable_gevent.broker.base import Broker
-from anycable_gevent.errors import HistoryError
-from anycable_gevent.protocol import StreamMessage
+from anycable_gevent.errors import BrokerError, HistoryError
+from anycable_gevent.protocol import PRESENCE_JOIN, PRESENCE_LEAVE, PresenceEvent, PresenceInfo, StreamMessage
 
 _EPOCH_ALPHABET = "_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _FLOOR_BUCKETS = 4096
@@ -79,6 +85,27 @@ class _Session:
         self.deadline = deadline
 
 
+class _Present:
+    """One presence id in one stream: its latest info and the sessions holding it."""
+
+    __slots__ = ("info", "sids")
+
+    def __init__(self, info: object) -> None:
+        self.info = info
+        #: insertion-ordered set
+        self.sids: dict[str, None] = {}
+
+
+class _PresenceSession:
+    """Where one session is present (stream → presence id) and until when."""
+
+    __slots__ = ("streams", "deadline")
+
+    def __init__(self, deadline: float) -> None:
+        self.streams: dict[str, str] = {}
+        self.deadline = deadline
+
+
 class MemoryBroker(Broker):
     def __init__(
         self,
@@ -87,10 +114,12 @@ class MemoryBroker(Broker):
         sessions_ttl: int = 300,
         epoch: str | None = None,
         clock: Callable[[], float] = time.time,
+        presence_ttl: int = 15,
     ) -> None:
         self.history_limit = history_limit
         self.history_ttl = history_ttl
         self.sessions_ttl = sessions_ttl
+        self.presence_ttl = presence_ttl
         self.supports_sessions = sessions_ttl > 0
         self.epoch = epoch or new_epoch()
         self.clock = clock
@@ -100,6 +129,10 @@ class MemoryBroker(Broker):
         self._stream_timers: list[tuple[float, str]] = []
         self._sessions: dict[str, _Session] = {}
         self._session_timers: list[tuple[float, str]] = []
+        # stream -> presence id -> who holds it; sid -> where it is present
+        self._presence: dict[str, dict[str, _Present]] = {}
+        self._presence_sessions: dict[str, _PresenceSession] = {}
+        self._presence_timers: list[tuple[float, str]] = []
         self._sweeper: gevent.Greenlet | None = None
         # one int object per second for all messages registered in it
         self._ts = 0
@@ -117,7 +150,8 @@ class MemoryBroker(Broker):
     def announce(self) -> str:
         return (
             f"broker: memory (epoch: {self.epoch}, history limit: {self.history_limit}, "
-            f"history ttl: {self.history_ttl}s, sessions ttl: {self.sessions_ttl}s)"
+            f"history ttl: {self.history_ttl}s, sessions ttl: {self.sessions_ttl}s, "
+            f"presence ttl: {self.presence_ttl}s)"
         )
 
     def _sweep_loop(self) -> None:
@@ -225,12 +259,77 @@ class MemoryBroker(Broker):
             if entry is not None:
                 entry.deadline = deadline
 
+    # ------------------------------------------------------------------ presence
+    def presence_join(self, stream: str, sid: str, pid: str, info: object) -> PresenceEvent | None:
+        deadline = self.clock() + self.presence_ttl
+        session = self._presence_sessions.get(sid)
+        if session is not None:
+            held = session.streams.get(stream)
+            if held is not None and held != pid:
+                raise BrokerError(f"session is already present in this stream as {held!r}")
+        members = self._presence.get(stream)
+        if members is None:
+            members = self._presence[stream] = {}
+        if session is None:
+            session = self._presence_sessions[sid] = _PresenceSession(deadline)
+            heapq.heappush(self._presence_timers, (deadline, sid))
+        else:
+            # a join is a sign of life too (the timer already queued follows the deadline)
+            session.deadline = max(session.deadline, deadline)
+        session.streams[stream] = pid
+        present = members.get(pid)
+        if present is None:
+            present = members[pid] = _Present(info)
+            present.sids[sid] = None
+            return PresenceEvent(PRESENCE_JOIN, pid, info)
+        present.info = info  # the latest join's info wins
+        present.sids[sid] = None
+        return None
+
+    def presence_leave(self, stream: str, sid: str) -> PresenceEvent | None:
+        session = self._presence_sessions.get(sid)
+        pid = session.streams.pop(stream, None) if session is not None else None
+        if session is None or pid is None:
+            raise BrokerError("session is not present in this stream")
+        # An entry left without streams stays until its deadline: its one timer removes it
+        # (dropping it now would leave that timer behind for a new entry of the same sid).
+        return self._drop_presence(stream, pid, sid)
+
+    def _drop_presence(self, stream: str, pid: str, sid: str) -> PresenceEvent | None:
+        """Remove ``sid`` from ``pid`` in ``stream``; the leave event if ``pid`` is gone."""
+        members = self._presence.get(stream)
+        present = members.get(pid) if members is not None else None
+        if members is None or present is None:
+            return None
+        present.sids.pop(sid, None)
+        if present.sids:
+            return None
+        del members[pid]
+        if not members:
+            del self._presence[stream]
+        return PresenceEvent(PRESENCE_LEAVE, pid)
+
+    def presence_info(self, stream: str) -> PresenceInfo:
+        members = self._presence.get(stream)
+        if not members:
+            return PresenceInfo()
+        return PresenceInfo(len(members), [(pid, present.info) for pid, present in members.items()])
+
+    def touch_presence(self, sids: Iterable[str]) -> None:
+        deadline = self.clock() + self.presence_ttl
+        sessions = self._presence_sessions
+        for sid in sids:
+            entry = sessions.get(sid)
+            if entry is not None:
+                entry.deadline = deadline
+
     # ------------------------------------------------------------------ expiry
     def sweep(self) -> None:
-        """Expire old messages, idle streams and stale sessions (called every second)."""
+        """Expire old messages, idle streams, stale sessions and presence (called every second)."""
         now = self.clock()
         self._sweep_streams(now)
         self._sweep_sessions(now)
+        self._sweep_presence(now)
 
     def _sweep_streams(self, now: float) -> None:
         timers = self._stream_timers
@@ -266,9 +365,34 @@ class MemoryBroker(Broker):
             else:
                 heapq.heappush(timers, (entry.deadline, sid))
 
+    def _sweep_presence(self, now: float) -> None:
+        timers = self._presence_timers
+        sessions = self._presence_sessions
+        left: list[tuple[str, PresenceEvent]] = []
+        while timers and timers[0][0] <= now:
+            _, sid = heapq.heappop(timers)
+            entry = sessions.get(sid)
+            if entry is None:
+                continue
+            if entry.deadline > now:
+                heapq.heappush(timers, (entry.deadline, sid))
+                continue
+            del sessions[sid]
+            for stream, pid in entry.streams.items():
+                event = self._drop_presence(stream, pid, sid)
+                if event is not None:
+                    left.append((stream, event))
+        # handed out only once the state is consistent: the handler may yield
+        handler = self.presence_handler
+        if handler is not None:
+            for stream, event in left:
+                handler(stream, event)
+
     def stats(self) -> dict[str, int]:
         return {
             "streams": len(self._streams),
             "messages": sum(len(s.entries) for s in self._streams.values()),
             "sessions": len(self._sessions),
+            "presence_streams": len(self._presence),
+            "presence_sessions": len(self._presence_sessions),
         }

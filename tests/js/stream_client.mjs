@@ -24,10 +24,16 @@
 //                           {"cmd":"offline"}   hold reconnect attempts until "online"
 //                           {"cmd":"online"}    let the client reconnect again
 //                           {"cmd":"whisper","data":{...}}  channel.whisper(data)
+//                           {"cmd":"join","id":"42","info":{...}}  channel.presence.join(id, info)
+//                           {"cmd":"leave"}     channel.presence.leave()
+//                           {"cmd":"presence"}  channel.presence.info(), reported as
+//                                               {"event":"presence_state","state":{id: info, ...}}
+//                                               or {"event":"presence_failed","error":"..."}
 //                           {"cmd":"exit"}      disconnect the cable and exit 0
 //   Also reported: {"event":"disconnect","reason":...} and {"event":"close","reason":...} (cable
 //   events), {"event":"info","type":...} (channel info such as history_received) and
-//   {"event":"dropped"} after a drop.
+//   {"event":"dropped"} after a drop, and {"event":"presence","message":{...}} for every presence
+//   frame the channel gets (join, leave, info replies; only when presence is used).
 
 import { writeSync } from 'node:fs'
 import { createInterface } from 'node:readline'
@@ -193,6 +199,7 @@ let received = 0
 channel.on('connect', ({ reconnect, restored }) => emit({ event: 'subscribed', reconnect, restored }))
 channel.on('info', info => emit({ event: 'info', type: info.type }))
 channel.on('close', err => fail(describe(err)))
+channel.on('presence', message => emit({ event: 'presence', message }))
 channel.on('message', (data, meta) => {
   emit({ event: 'message', data, meta: meta ?? null })
   received += 1
@@ -240,6 +247,18 @@ function control(cmd) {
       return
     case 'whisper':
       channel.whisper(cmd.data)
+      return
+    case 'join':
+      channel.presence.join(cmd.id, cmd.info)
+      return
+    case 'leave':
+      channel.presence.leave()
+      return
+    case 'presence':
+      channel.presence.info().then(
+        state => emit({ event: 'presence_state', state }),
+        err => emit({ event: 'presence_failed', error: describe(err) })
+      )
       return
     case 'exit':
       finish(0)
