@@ -114,28 +114,28 @@ class Node:
         self.pubsub.start()
         self.disconnector.start()
         if self.resumable:
-            self._toucher = gevent.spawn(self._touch_loop)
+            self._toucher = gevent.spawn(self._every, self.cfg.sessions_ttl / 2.0, self._touch_sessions, "session")
         if self.broker.supports_presence:
-            self._presence_ticker = gevent.spawn(self._presence_loop)
+            self._presence_ticker = gevent.spawn(
+                self._every, self.cfg.presence_ttl / 2.0, self._touch_presence, "presence"
+            )
 
-    def _touch_loop(self) -> None:
-        period = max(self.cfg.sessions_ttl / 2.0, 0.5)
+    @staticmethod
+    def _every(period: float, keepalive: Callable[[], None], what: str) -> None:
+        """One ticker for every connection (no timer per connection)."""
+        period = max(period, 0.5)
         while True:
             gevent.sleep(period)
             try:
-                self.broker.touch_sessions([s.sid for s in self.sessions if s.ext and s.authenticated])
+                keepalive()
             except Exception:
-                log.exception("session keepalive failed")
+                log.exception("%s keepalive failed", what)
 
-    def _presence_loop(self) -> None:
-        """Keep connected sessions' presence alive: one ticker for all of them."""
-        period = max(self.cfg.presence_ttl / 2.0, 0.5)
-        while True:
-            gevent.sleep(period)
-            try:
-                self.broker.touch_presence([s.sid for s in self.present])
-            except Exception:
-                log.exception("presence keepalive failed")
+    def _touch_sessions(self) -> None:
+        self.broker.touch_sessions([s.sid for s in self.sessions if s.ext and s.authenticated])
+
+    def _touch_presence(self) -> None:
+        self.broker.touch_presence([s.sid for s in self.present])
 
     def shutdown(self, deadline: float) -> None:
         """Disconnect every client (server_restart), flush Disconnect calls, stop parts."""

@@ -169,7 +169,7 @@ def test_presence_needs_a_subscription(srv: Server) -> None:
             observer.close()
 
 
-def test_signed_stream_has_presence_by_default(make_server: type[Server]) -> None:
+def test_signed_streams_have_presence_unless_streams_presence_is_false(make_server: type[Server]) -> None:
     on = make_server("--noauth", f"--streams_secret={STREAMS_SECRET}").start()
     off = make_server("--noauth", f"--streams_secret={STREAMS_SECRET}", "--streams_presence=false").start()
     ident = signed_id(sign("room/1", STREAMS_SECRET))
