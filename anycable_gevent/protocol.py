@@ -222,11 +222,11 @@ def welcome(sid: str | None = None, restored: bool = False, restored_ids: list[s
 
 
 def confirm(identifier: str) -> str:
-    return dumps({"identifier": identifier, "type": "confirm_subscription"})
+    return '{"identifier":' + dumps(identifier) + ',"type":"confirm_subscription"}'
 
 
 def reject(identifier: str) -> str:
-    return dumps({"identifier": identifier, "type": "reject_subscription"})
+    return '{"identifier":' + dumps(identifier) + ',"type":"reject_subscription"}'
 
 
 def confirm_history(identifier: str) -> str:

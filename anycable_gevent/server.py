@@ -177,6 +177,9 @@ class Server:
                 listener,
                 self.dispatchers[port],
                 handler_class=CableHandler,
+                # plain greenlets for requests: nothing joins or links them, and a
+                # WebSocket hands its socket to a greenlet of its own at once
+                spawn=gevent.spawn_raw,
                 log=None,
                 error_log=_ErrorLog(),
                 **ssl,

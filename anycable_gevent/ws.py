@@ -145,6 +145,15 @@ class CableHandler(WebSocketHandler):
     def MessageClass(self, *args: Any) -> RequestHeaders:  # noqa: N802 - pywsgi's name
         return RequestHeaders.parse(*args)
 
+    def _headers(self) -> Any:
+        # pywsgi formats every header as a line and splits it again; ours are pairs already
+        for key, value in self.headers.items:
+            if "_" in key:
+                continue  # pywsgi drops names with underscores (they would collide)
+            name = key.replace("-", "_").upper()
+            if name != "CONTENT_TYPE" and name != "CONTENT_LENGTH":
+                yield "HTTP_" + name, value
+
     def _sendall(self, data: Any) -> None:
         if self.code == 101 and self.environ.get("wsgi.websocket") is not None and not hasattr(self, "upgrade_head"):
             # Keep the 101 response: the session sends it together with the welcome.
@@ -228,14 +237,18 @@ class FrameReader:
 
     Reading the socket directly (not through the handler's ``BufferedReader``) keeps
     the greenlet's stack shallow where it waits, and that stack is copied to the heap
-    for every idle connection.
+    for every idle connection. The first read still goes through the handler's reader
+    (``read1``): it returns whatever that reader had buffered beyond the HTTP request
+    (a client that sent a frame right behind its handshake) or else reads the socket,
+    so nothing is lost and no extra system call is spent on checking.
     """
 
-    __slots__ = ("recv", "buf", "pos", "max_size", "on_ping", "on_pong")
+    __slots__ = ("recv", "sock_recv", "buf", "pos", "max_size", "on_ping", "on_pong")
 
-    def __init__(self, sock: Any, pending: bytes, max_size: int, on_ping: Any, on_pong: Any) -> None:
-        self.recv = sock.recv
-        self.buf = pending
+    def __init__(self, sock: Any, rfile: Any, max_size: int, on_ping: Any, on_pong: Any) -> None:
+        self.sock_recv = sock.recv
+        self.recv = rfile.read1 if rfile is not None else sock.recv
+        self.buf = b""
         self.pos = 0
         self.max_size = max_size
         self.on_ping = on_ping
@@ -249,6 +262,7 @@ class FrameReader:
             have = len(buf) - pos
             while have < n:
                 chunk = self.recv(max(n - have, READ_CHUNK))
+                self.recv = self.sock_recv  # after the first read: the socket itself
                 if not chunk:
                     raise EOFError
                 parts.append(chunk)
@@ -481,27 +495,14 @@ class _DoneWebSocket(WebSocket):
         pass
 
 
-def _release_http_state(handler: Any, ws: Any, environ: dict[str, Any]) -> bytes:
-    """Free what the WSGI handler keeps for plain HTTP; return bytes it had already read.
+def _release_http_state(handler: Any, ws: Any, environ: dict[str, Any]) -> Any:
+    """Free what the WSGI handler keeps for plain HTTP; return its buffered reader.
 
     An idle connection should cost as little as possible: the request headers, the
-    environ and the buffered reader are not needed once the WebSocket is open. A
-    client may have sent a frame right behind its handshake; whatever the reader had
-    buffered is returned so the frame reader starts with it.
+    environ and the handler are not needed once the WebSocket is open. The reader is
+    handed to :class:`FrameReader` for its first read only.
     """
     rfile = handler.rfile
-    sock = handler.socket
-    pending = b""
-    timeout = sock.gettimeout()
-    sock.settimeout(0.0)  # peek must not wait for data that is not there yet
-    try:
-        pending = rfile.peek(READ_BUFFER) or b""
-        if pending:
-            rfile.read(len(pending))
-    except OSError:
-        pending = b""
-    finally:
-        sock.settimeout(timeout)
     handler.headers = None
     handler.response_headers = None
     handler.rfile = None
@@ -511,7 +512,7 @@ def _release_http_state(handler: Any, ws: Any, environ: dict[str, Any]) -> bytes
     ws.stream = ws.raw_read = ws.raw_write = None
     ws.__class__ = _DoneWebSocket
     environ.clear()
-    return bytes(pending)
+    return rfile
 
 
 def filter_cookies(header: str, allowed: list[str]) -> str:

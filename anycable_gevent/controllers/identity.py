@@ -74,4 +74,6 @@ class PublicIdentifier(Identifier):
 
 def query_params(url: str) -> dict[str, str]:
     """Query parameters of a URL; the last value of a repeated key wins (SPEC §2.3)."""
+    if "?" not in url:
+        return {}
     return dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
