@@ -64,6 +64,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid JSON constant {name}")
 
 
+#: One strict decoder for every frame (``json.loads`` with options builds a new one per call).
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 def loads(text: str | bytes) -> Any:
     """Strict JSON: NaN and Infinity are not JSON and are refused.
 
@@ -72,7 +76,9 @@ def loads(text: str | bytes) -> Any:
             RecursionError, which callers handling untrusted input would not expect).
     """
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        if isinstance(text, bytes | bytearray):
+            text = text.decode()  # UnicodeDecodeError is a ValueError
+        return _decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
