@@ -26,8 +26,9 @@ from anycable_gevent.config import Config
 from anycable_gevent.controllers.base import Env
 from anycable_gevent.controllers.identity import query_params
 from anycable_gevent.errors import MessageTooBig, ProtocolError
+from anycable_gevent.ids import new_sid
 from anycable_gevent.metrics import Metrics
-from anycable_gevent.node import Node, new_sid
+from anycable_gevent.node import Node
 from anycable_gevent.session import CLOSE_GRACE, DebugSession, Session
 
 log = logging.getLogger(__name__)
