@@ -3,7 +3,8 @@
 A *group* is every subscriber of one stream through one channel identifier; each
 broadcast's frame (WebSocket header + JSON) is built once per group and the same bytes
 are handed to every member's writer. Per recipient the fan-out does one comparison and
-one call.
+one call. Broadcasts that queue up while a fan-out runs (bursts) go out together: a run
+of one stream's messages reaches each subscriber as one write, i.e. one system call.
 
 Exactly once, in order (DESIGN.md): each :class:`StreamSub` (one session, identifier
 and stream) remembers the highest offset it was sent (``pos``) and where its contiguous
