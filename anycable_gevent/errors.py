@@ -29,7 +29,3 @@ class HistoryError(BrokerError):
 
 class RPCError(AnyCableError):
     """The RPC backend failed (transport error, timeout, bad response)."""
-
-
-class BroadcastError(AnyCableError):
-    """A publication that is not valid (answered with 422 by the HTTP broadcaster)."""

@@ -21,7 +21,6 @@ method here yields. Broadcasts are processed in arrival order by one fan-out gre
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Protocol
 
 import gevent
@@ -216,11 +215,6 @@ class Hub:
         group.members[sub] = None
         if sub.lo == 0:
             group.fresh[sub] = None
-
-    def subscribers(self, stream: str) -> Iterator[StreamSub]:
-        for group in self.streams.get(stream, {}).values():
-            yield from group.members
-            yield from group.held
 
     @property
     def streams_count(self) -> int:

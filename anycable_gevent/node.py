@@ -83,7 +83,6 @@ class Node:
         )
         self.disconnector = DisconnectQueue(controller, cfg.disconnect_rate, cfg.disconnect_backlog_size)
         self.resumable = broker.supports_sessions and cfg.sessions_ttl > 0
-        self.shutting_down = False
         self._toucher: gevent.Greenlet | None = None
         #: Connected sessions that joined a presence set (their presence is kept alive).
         self.present: dict[Session, None] = {}
@@ -133,7 +132,6 @@ class Node:
 
     def shutdown(self, deadline: float) -> None:
         """Disconnect every client (server_restart), flush Disconnect calls, stop parts."""
-        self.shutting_down = True
         for session in tuple(self.sessions):
             session.close(
                 protocol.CLOSE_GOING_AWAY,
@@ -225,7 +223,6 @@ class Node:
         session.interest = bool(snap.get("disconnectable"))
         session.expires_at = exp
         session.authenticated = True
-        session.restored = True
         istates = snap.get("istate") or {}
         for identifier, streams in (snap.get("subs") or {}).items():
             sub = Subscription(identifier)

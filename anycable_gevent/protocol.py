@@ -41,7 +41,6 @@ TOO_SLOW = "too_slow"
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_INVALID_DATA = 1007
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 
@@ -357,22 +356,6 @@ class StreamMessage:
             parts.append("}")
             tail = self._tail = "".join(parts).encode()
         return tail
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"stream": self.stream, "data": self.data}
-        meta: dict[str, Any] = {}
-        if self.exclude_socket:
-            meta["exclude_socket"] = self.exclude_socket
-        if self.transient:
-            meta["transient"] = True
-        if self.broadcast_type:
-            meta["broadcast_type"] = self.broadcast_type
-        if meta:
-            out["meta"] = meta
-        if self.epoch:
-            out["offset"] = self.offset
-            out["epoch"] = self.epoch
-        return out
 
 
 @dataclass(frozen=True)

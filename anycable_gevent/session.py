@@ -61,7 +61,6 @@ class Session:
         "authenticated",
         "interest",
         "expires_at",
-        "restored",
         "closing",
         "closed",
         "close_code",
@@ -103,7 +102,6 @@ class Session:
         self.interest = False
         #: JWT expiry (Unix seconds) when the identity came from a token.
         self.expires_at = 0
-        self.restored = False
         self.closing = False
         self.closed = False
         self.close_code = 0

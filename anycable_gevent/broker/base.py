@@ -25,8 +25,6 @@ PresenceHandler = Callable[[str, PresenceEvent], None]
 class Broker(ABC):
     #: The broker's epoch, stamped on every registered message.
     epoch: str = ""
-    #: Whether history requests can be served at all.
-    supports_history: bool = True
     #: Whether session snapshots are kept for restore.
     supports_sessions: bool = True
     #: Whether presence sets are kept.
@@ -114,7 +112,6 @@ class Broker(ABC):
 class NullBroker(Broker):
     """``--broker=none``: no offsets, no history (``reject_history``), nothing to restore, no presence."""
 
-    supports_history = False
     supports_sessions = False
     supports_presence = False
 

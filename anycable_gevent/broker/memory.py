@@ -223,10 +223,6 @@ class MemoryBroker(Broker):
                 return s.messages(start, self.epoch)
         return []
 
-    def head(self, stream: str) -> int:
-        s = self._streams.get(stream)
-        return s.offset if s is not None else 0
-
     # ------------------------------------------------------------------ sessions
     def commit_session(self, sid: str, snapshot: bytes) -> None:
         if not self.supports_sessions:
