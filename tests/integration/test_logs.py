@@ -165,7 +165,15 @@ def test_busy_port_error_names_the_option() -> None:
         busy.listen()
         port = busy.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "anycable_gevent", "--noauth", "--host=127.0.0.1", f"--http_broadcast_port={port}"],
+            [
+                sys.executable,
+                "-m",
+                "anycable_gevent",
+                "--noauth",
+                "--host=127.0.0.1",
+                f"--port={free_port()}",  # the default 8080 may be taken on a developer's machine
+                f"--http_broadcast_port={port}",
+            ],
             capture_output=True,
             text=True,
             timeout=30,
