@@ -25,6 +25,19 @@ EXT = "actioncable-v1-ext-json"
 BASE = "actioncable-v1-json"
 
 
+class Clock:
+    """A settable clock for code that takes ``clock=`` (unit tests of expiry, no sleeping)."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

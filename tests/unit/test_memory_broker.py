@@ -6,22 +6,12 @@ Time is injected (a fake clock), so expiry is tested without sleeping.
 from __future__ import annotations
 
 import pytest
+from helpers import Clock
 
 from anycable_gevent.broker.base import NullBroker
 from anycable_gevent.broker.memory import STREAM_LIFETIME_TTLS, MemoryBroker
 from anycable_gevent.errors import HistoryError
 from anycable_gevent.protocol import StreamMessage
-
-
-class Clock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def publish(broker: MemoryBroker, stream: str, data: str = '"x"', transient: bool = False) -> StreamMessage:

@@ -8,6 +8,7 @@ without sleeping; leave events of expired presence are collected through the bro
 from __future__ import annotations
 
 import pytest
+from helpers import Clock
 
 from anycable_gevent.broker.base import NullBroker
 from anycable_gevent.broker.memory import MemoryBroker
@@ -15,17 +16,6 @@ from anycable_gevent.errors import BrokerError
 from anycable_gevent.protocol import PresenceEvent, PresenceInfo
 
 TTL = 15
-
-
-class Clock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
