@@ -244,23 +244,19 @@ class Hub:
                     for sub in group.fresh:
                         sub.lo = off
                     group.fresh.clear()
-                for sub in tuple(group.members):
-                    if off > sub.pos and (not exclude or sub.session.sid != exclude):
-                        sub.pos = off
-                        sub.write(frame)
-                        n += 1
-                for sub in tuple(group.held):
-                    if sub.held is not None and (not exclude or sub.session.sid != exclude):
-                        sub.held.append((off, frame))
-            else:
-                for sub in tuple(group.members):
-                    if not exclude or sub.session.sid != exclude:
-                        sub.write(frame)
-                        n += 1
-                for sub in tuple(group.held):
-                    # kept in arrival order with the registered messages it came between
-                    if sub.held is not None and (not exclude or sub.session.sid != exclude):
-                        sub.held.append((0, frame))
+            for sub in tuple(group.members):
+                if exclude and sub.session.sid == exclude:
+                    continue
+                if off:  # registered: never twice, never backwards
+                    if off <= sub.pos:
+                        continue
+                    sub.pos = off
+                sub.write(frame)
+                n += 1
+            for sub in tuple(group.held):
+                # buffered in arrival order (transient ones too), merged on release
+                if sub.held is not None and not (exclude and sub.session.sid == exclude):
+                    sub.held.append((off, frame))
             sent += n
             nbytes += n * len(frame)
         self.frames_sent += sent

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import gevent
 
+from anycable_gevent.ticker import every
+
 log = logging.getLogger(__name__)
 
 #: Prefix of every exported metric name: anycable-go's, so that dashboards keep working.
@@ -176,11 +178,11 @@ class Metrics:
     def start(self, refresh_interval: float, log_interval: float = 0, log_filter: Iterable[str] = ()) -> None:
         """Spawn the refresh loop and, when ``log_interval`` > 0, the log line loop."""
         self.refresh()
-        self._loops.append(gevent.spawn(self._every, refresh_interval, self.refresh))
+        self._loops.append(every(refresh_interval, self.refresh, "metrics refresh"))
         if log_interval > 0:
             only = tuple(log_filter)
             self._logged = self.snapshot()[0]
-            self._loops.append(gevent.spawn(self._every, log_interval, lambda: log.info("%s", self.log_line(only))))
+            self._loops.append(every(log_interval, lambda: log.info("%s", self.log_line(only)), "metrics log line"))
 
     def shutdown(self) -> None:
         for loop in self._loops:
@@ -188,15 +190,6 @@ class Metrics:
         self._loops.clear()
         if self.directory:
             self.write_file()  # the final counts survive this worker
-
-    @staticmethod
-    def _every(interval: float, fn: Callable[[], None]) -> None:
-        while True:
-            gevent.sleep(interval)
-            try:
-                fn()
-            except Exception:  # a metrics hiccup must never stop the loop
-                log.exception("metrics update failed")
 
 
 def _read(name: str, fn: Callable[[], float]) -> float:

@@ -40,6 +40,7 @@ from anycable_gevent.pinger import Pinger
 from anycable_gevent.protocol import Command, HistoryRequest, PresenceEvent, RemoteCommand, StreamMessage
 from anycable_gevent.pubsub import PubSub
 from anycable_gevent.session import Session, Subscription
+from anycable_gevent.ticker import every
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +108,18 @@ class Node:
         self.pubsub.start()
         self.disconnector.start()
         if self.resumable:
-            self._toucher = gevent.spawn(self._every, self.cfg.sessions_ttl / 2.0, self._touch_sessions, "session")
+            # one ticker for every connection (no timer per connection)
+            self._toucher = every(max(self.cfg.sessions_ttl / 2.0, 0.5), self._touch_sessions, "session keepalive")
         if self.broker.supports_presence:
-            self._presence_ticker = gevent.spawn(
-                self._every, self.cfg.presence_ttl / 2.0, self._touch_presence, "presence"
+            self._presence_ticker = every(
+                max(self.cfg.presence_ttl / 2.0, 0.5), self._touch_presence, "presence keepalive"
             )
 
-    @staticmethod
-    def _every(period: float, keepalive: Callable[[], None], what: str) -> None:
-        """One ticker for every connection (no timer per connection)."""
-        period = max(period, 0.5)
-        while True:
-            gevent.sleep(period)
-            try:
-                keepalive()
-            except Exception:
-                log.exception("%s keepalive failed", what)
+    @property
+    def background(self) -> int:
+        """Background greenlets: fan-out, Disconnect pacing, broker expiry, the keepalives."""
+        tickers = sum(g is not None for g in (self._toucher, self._presence_ticker))
+        return 2 + (self.broker.supports_sessions or self.broker.supports_presence) + tickers
 
     def _touch_sessions(self) -> None:
         self.broker.touch_sessions([s.sid for s in self.sessions if s.ext and s.authenticated])
@@ -159,7 +156,7 @@ class Node:
             env.istate = dict(sub.istate) if sub is not None else {}
         else:
             env.istate = None
-        return Connection(session.sid, env, session.identifiers)
+        return Connection(session.sid, env, session.identifiers, session.query)
 
     def open(self, session: Session) -> bool:
         """Authenticate a new connection (restore first). False = it was closed."""

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import gevent
 
 from anycable_gevent import protocol
 from anycable_gevent.session import Session
+from anycable_gevent.ticker import every
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,6 @@ class Pinger:
         self.on_no_pong = on_no_pong
         self.buckets: dict[tuple[float, str], Bucket] = {}
         self._native_frame = protocol.ws_frame(b"", protocol.OP_PING)
-        self._running = True
 
     def add(self, session: Session, interval: float | None = None, precision: str | None = None) -> None:
         key = (interval if interval is not None else self.interval, precision or self.precision)
@@ -63,7 +64,7 @@ class Pinger:
         bucket = self.buckets.get(key)
         if bucket is None:
             bucket = self.buckets[key] = Bucket(*key)
-            bucket.ticker = gevent.spawn(self._tick_loop, bucket)
+            bucket.ticker = every(bucket.interval, partial(self.tick, bucket), "ping tick")
         bucket.sessions[session] = None
         session.ping_bucket = bucket
 
@@ -80,19 +81,10 @@ class Pinger:
             self.buckets.pop((bucket.interval, bucket.precision), None)
 
     def shutdown(self) -> None:
-        self._running = False
         for bucket in self.buckets.values():
             if bucket.ticker is not None:
                 bucket.ticker.kill(block=False)
         self.buckets.clear()
-
-    def _tick_loop(self, bucket: Bucket) -> None:
-        while self._running:
-            gevent.sleep(bucket.interval)
-            try:
-                self.tick(bucket)
-            except Exception:
-                log.exception("ping tick failed")
 
     def tick(self, bucket: Bucket) -> None:
         if not bucket.sessions:

@@ -95,11 +95,9 @@ class Server:
         Counted, not found by walking the heap (``gc.get_objects()`` costs tens of
         milliseconds with ten thousand connections).
         """
-        sessions = self.node.sessions
-        writers = sum(1 for s in sessions if s.pending)
-        # fan-out, broker expiry, disconnect queue, session keepalive, one ticker per interval
-        services = 4 + len(self.node.pinger.buckets)
-        return len(sessions) + writers + len(self.servers) + services
+        node = self.node
+        writers = sum(1 for s in node.sessions if s.pending)
+        return len(node.sessions) + writers + len(node.pinger.buckets) + node.background + len(self.servers)
 
     def _dispatcher(self, port: int) -> Dispatcher:
         d = self.dispatchers.get(port)

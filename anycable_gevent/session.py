@@ -63,7 +63,6 @@ class Session:
         "expires_at",
         "closing",
         "closed",
-        "close_code",
         "sock",
         "_send",
         "_backlog",
@@ -104,7 +103,6 @@ class Session:
         self.expires_at = 0
         self.closing = False
         self.closed = False
-        self.close_code = 0
         self.sock = sock
         # The raw non-blocking socket's send: returns at once, never yields.
         raw = getattr(sock, "_sock", None)
@@ -252,7 +250,6 @@ class Session:
         if self.closing or self.closed:
             return
         self.closing = True
-        self.close_code = code
         if message is not None:
             self.write(protocol.text_frame(message))
         self.write(protocol.close_frame(code, reason))
@@ -269,7 +266,6 @@ class Session:
         if self.closing or self.closed:
             return
         self.closing = True
-        self.close_code = code
         self.write(protocol.close_frame(code if code else protocol.CLOSE_NORMAL))
 
     def flush(self, timeout: float) -> None:

@@ -14,7 +14,7 @@ import binascii
 import logging
 import struct
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import gevent
 from gevent.pywsgi import WSGIServer
@@ -24,7 +24,6 @@ from geventwebsocket.websocket import WebSocket
 from anycable_gevent import __version__, protocol
 from anycable_gevent.config import Config
 from anycable_gevent.controllers.base import Env
-from anycable_gevent.controllers.identity import query_params
 from anycable_gevent.errors import MessageTooBig, ProtocolError
 from anycable_gevent.ids import new_sid
 from anycable_gevent.metrics import Metrics
@@ -345,8 +344,10 @@ class CableEndpoint:
         self.node = node
         self.metrics = metrics
         self.paths = set(cfg.path)
-        self.headers = [h.lower() for h in cfg.headers]
+        #: (header name, environ key) for each ``--headers`` entry, computed once
+        self.headers = [(h.lower(), "HTTP_" + h.upper().replace("-", "_")) for h in cfg.headers]
         self.jwt_header = "x-" + cfg.jwt_param.lower()
+        self.jwt_environ = "HTTP_" + self.jwt_header.upper().replace("-", "_")
         #: Connections are authenticated without I/O (no RPC backend), so the 101
         #: response can wait for the welcome and leave in the same write.
         self.local_auth = not cfg.rpc_enabled
@@ -358,14 +359,14 @@ class CableEndpoint:
         qs = environ.get("QUERY_STRING", "")
         url = f"{scheme}://{host}{path}" + (f"?{qs}" if qs else "")
         headers: dict[str, str] = {}
-        for name in self.headers:
-            value = environ.get("HTTP_" + name.upper().replace("-", "_"))
+        for name, key in self.headers:
+            value = environ.get(key)
             if value:
                 if name == "cookie" and self.cfg.proxy_cookies:
                     value = filter_cookies(value, self.cfg.proxy_cookies)
                 if value:
                     headers[name] = value
-        token = environ.get("HTTP_" + self.jwt_header.upper().replace("-", "_"))
+        token = environ.get(self.jwt_environ)
         if not token:
             token = protocol.token_from_protocols(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", ""))
         if token:
@@ -388,7 +389,7 @@ class CableEndpoint:
             new_sid(),
             sock,
             env,
-            query_params(env.url),
+            parse_query(environ.get("QUERY_STRING", "")),
             chosen == protocol.PROTOCOL_EXT_JSON,
             self.metrics,
             self.cfg.ws_max_pending_size,
@@ -514,6 +515,11 @@ def _release_http_state(handler: Any, ws: Any, environ: dict[str, Any]) -> Any:
     ws.__class__ = _DoneWebSocket
     environ.clear()
     return rfile
+
+
+def parse_query(qs: str) -> dict[str, str]:
+    """Query parameters; the last value of a repeated key wins (SPEC §2.3)."""
+    return dict(parse_qsl(qs, keep_blank_values=True)) if qs else {}
 
 
 def filter_cookies(header: str, allowed: list[str]) -> str:

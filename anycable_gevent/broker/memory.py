@@ -25,13 +25,15 @@ import secrets
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol, TypeVar
 
 import gevent
 
 from anycable_gevent.broker.base import Broker
 from anycable_gevent.errors import BrokerError, HistoryError
 from anycable_gevent.protocol import PRESENCE_JOIN, PRESENCE_LEAVE, PresenceEvent, PresenceInfo, StreamMessage
+from anycable_gevent.ticker import every
 
 _EPOCH_ALPHABET = "_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _FLOOR_BUCKETS = 4096
@@ -75,6 +77,41 @@ class _Stream:
             StreamMessage(stream=name, data=data, offset=first + i, epoch=epoch, ts=ts, _json=text or data)
             for i, (data, ts, text) in enumerate(itertools.islice(self.entries, start, None), start)
         ]
+
+
+class _Expiring(Protocol):
+    deadline: float
+
+
+_E = TypeVar("_E", bound=_Expiring)
+
+
+def _extend(entries: Mapping[str, _Expiring], sids: Iterable[str], deadline: float) -> None:
+    """Move the deadline of the listed entries that exist."""
+    for sid in sids:
+        entry = entries.get(sid)
+        if entry is not None:
+            entry.deadline = deadline
+
+
+def _pop_expired(timers: list[tuple[float, str]], entries: dict[str, _E], now: float) -> list[tuple[str, _E]]:
+    """Remove and return the entries whose deadline has passed.
+
+    ``timers`` holds one (deadline, sid) per entry; a timer whose entry was extended
+    meanwhile is queued again at the new deadline, one whose entry is gone is dropped.
+    """
+    expired: list[tuple[str, _E]] = []
+    while timers and timers[0][0] <= now:
+        _, sid = heapq.heappop(timers)
+        entry = entries.get(sid)
+        if entry is None:
+            continue
+        if entry.deadline > now:
+            heapq.heappush(timers, (entry.deadline, sid))
+        else:
+            del entries[sid]
+            expired.append((sid, entry))
+    return expired
 
 
 class _Session:
@@ -140,7 +177,7 @@ class MemoryBroker(Broker):
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         if self._sweeper is None:
-            self._sweeper = gevent.spawn(self._sweep_loop)
+            self._sweeper = every(1.0, self.sweep, "broker sweep")
 
     def shutdown(self) -> None:
         if self._sweeper is not None:
@@ -153,16 +190,6 @@ class MemoryBroker(Broker):
             f"history ttl: {self.history_ttl}s, sessions ttl: {self.sessions_ttl}s, "
             f"presence ttl: {self.presence_ttl}s)"
         )
-
-    def _sweep_loop(self) -> None:
-        while True:
-            gevent.sleep(1.0)
-            try:
-                self.sweep()
-            except Exception:  # pragma: no cover - never let the sweeper die
-                import logging
-
-                logging.getLogger(__name__).exception("broker sweep failed")
 
     # ------------------------------------------------------------------ streams
     def register(self, msg: StreamMessage) -> None:
@@ -248,12 +275,7 @@ class MemoryBroker(Broker):
     def touch_sessions(self, sids: Iterable[str]) -> None:
         if not self.supports_sessions:
             return
-        deadline = self.clock() + self.sessions_ttl
-        sessions = self._sessions
-        for sid in sids:
-            entry = sessions.get(sid)
-            if entry is not None:
-                entry.deadline = deadline
+        _extend(self._sessions, sids, self.clock() + self.sessions_ttl)
 
     # ------------------------------------------------------------------ presence
     def presence_join(self, stream: str, sid: str, pid: str, info: object) -> PresenceEvent | None:
@@ -312,12 +334,7 @@ class MemoryBroker(Broker):
         return PresenceInfo(len(members), [(pid, present.info) for pid, present in members.items()])
 
     def touch_presence(self, sids: Iterable[str]) -> None:
-        deadline = self.clock() + self.presence_ttl
-        sessions = self._presence_sessions
-        for sid in sids:
-            entry = sessions.get(sid)
-            if entry is not None:
-                entry.deadline = deadline
+        _extend(self._presence_sessions, sids, self.clock() + self.presence_ttl)
 
     # ------------------------------------------------------------------ expiry
     def sweep(self) -> None:
@@ -349,31 +366,11 @@ class MemoryBroker(Broker):
                 heapq.heappush(timers, (s.deadline, name))
 
     def _sweep_sessions(self, now: float) -> None:
-        timers = self._session_timers
-        sessions = self._sessions
-        while timers and timers[0][0] <= now:
-            _, sid = heapq.heappop(timers)
-            entry = sessions.get(sid)
-            if entry is None:
-                continue
-            if entry.deadline <= now:
-                del sessions[sid]
-            else:
-                heapq.heappush(timers, (entry.deadline, sid))
+        _pop_expired(self._session_timers, self._sessions, now)
 
     def _sweep_presence(self, now: float) -> None:
-        timers = self._presence_timers
-        sessions = self._presence_sessions
         left: list[tuple[str, PresenceEvent]] = []
-        while timers and timers[0][0] <= now:
-            _, sid = heapq.heappop(timers)
-            entry = sessions.get(sid)
-            if entry is None:
-                continue
-            if entry.deadline > now:
-                heapq.heappush(timers, (entry.deadline, sid))
-                continue
-            del sessions[sid]
+        for sid, entry in _pop_expired(self._presence_timers, self._presence_sessions, now):
             for stream, pid in entry.streams.items():
                 event = self._drop_presence(stream, pid, sid)
                 if event is not None:

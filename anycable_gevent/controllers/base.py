@@ -86,6 +86,8 @@ class Connection:
     sid: str
     env: Env
     identifiers: str = ""
+    #: Query parameters of the connection URL (the last value of a repeated key wins).
+    query: dict[str, str] = field(default_factory=dict)
 
 
 class Controller(ABC):
@@ -125,7 +127,7 @@ class Identifier(ABC):
     """Connect-time identification without RPC (JWT, public). ``None`` = not mine."""
 
     @abstractmethod
-    def identify(self, conn: Connection, query: dict[str, str]) -> ConnectResult | None: ...
+    def identify(self, conn: Connection) -> ConnectResult | None: ...
 
 
 class ChannelController(ABC):

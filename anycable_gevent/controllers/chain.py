@@ -19,7 +19,6 @@ from anycable_gevent.controllers.base import (
     Controller,
     Identifier,
 )
-from anycable_gevent.controllers.identity import query_params
 
 
 def channel_params(identifier: str) -> dict[str, Any] | None:
@@ -66,9 +65,8 @@ class ControllerChain(Controller):
 
     def connect(self, conn: Connection) -> ConnectResult:
         if self.identifiers:
-            query = query_params(conn.env.url)
             for ident in self.identifiers:
-                result = ident.identify(conn, query)
+                result = ident.identify(conn)
                 if result is not None:
                     return result
         return self.default.connect(conn)

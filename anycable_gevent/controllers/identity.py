@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from urllib.parse import parse_qsl, urlsplit
 
 import jwt
 
@@ -34,11 +33,11 @@ class JWTIdentifier(Identifier):
         # startup banner instead of a Python warning on every decode.
         warnings.filterwarnings("ignore", category=jwt.InsecureKeyLengthWarning)
 
-    def token(self, conn: Connection, query: dict[str, str]) -> str:
-        return conn.env.headers.get(self.header) or query.get(self.param, "")
+    def token(self, conn: Connection) -> str:
+        return conn.env.headers.get(self.header) or conn.query.get(self.param, "")
 
-    def identify(self, conn: Connection, query: dict[str, str]) -> ConnectResult | None:
-        token = self.token(conn, query)
+    def identify(self, conn: Connection) -> ConnectResult | None:
+        token = self.token(conn)
         if not token:
             return _failure(protocol.UNAUTHORIZED) if self.enforce else None
         try:
@@ -63,17 +62,10 @@ class JWTIdentifier(Identifier):
 class PublicIdentifier(Identifier):
     """``--noauth`` / ``--public``: everybody is welcome, identified by their sid."""
 
-    def identify(self, conn: Connection, query: dict[str, str]) -> ConnectResult | None:
+    def identify(self, conn: Connection) -> ConnectResult | None:
         return ConnectResult(
             Status.SUCCESS,
             identifiers=protocol.dumps({"sid": conn.sid}),
             transmissions=[protocol.welcome(conn.sid)],
             interest=Interest.NONE,
         )
-
-
-def query_params(url: str) -> dict[str, str]:
-    """Query parameters of a URL; the last value of a repeated key wins (SPEC §2.3)."""
-    if "?" not in url:
-        return {}
-    return dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
