@@ -1,7 +1,9 @@
-"""Command-line entry point: parse and check the configuration, then serve.
+"""Command-line entry point: parse and check the configuration, bind, then serve.
 
 Errors in the configuration (or a port that cannot be bound) end the process with
-exit code 2 and one line on stderr, before any client can connect.
+exit code 2 and one line on stderr, before any client can connect. This module and
+what it imports before serving use the stdlib only (no gevent): the sockets are bound
+here, and :mod:`anycable_gevent.worker` patches and serves them.
 """
 
 from __future__ import annotations
@@ -9,16 +11,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-EXIT_CONFIG = 2
+from anycable_gevent.errors import EXIT_CONFIG
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    # Patch first, before anything imports socket, ssl or threading users.
-    from gevent import monkey
-
-    monkey.patch_all()
-
-    from anycable_gevent import config, log
+    from anycable_gevent import config, listeners, log
     from anycable_gevent.errors import ConfigError
 
     try:
@@ -28,13 +25,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
 
     log.setup(cfg.level, cfg.log_format, cfg.node_id)
-
-    from anycable_gevent.server import Server
-
+    ports = listeners.plan(cfg)
     try:
-        server = Server(cfg)
-        server.bind()
+        sockets = listeners.bind(cfg, ports)
     except ConfigError as exc:
         print(f"anycable-gevent: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    server.serve()
+
+    from anycable_gevent import worker
+
+    sys.exit(worker.main(cfg, sockets, ports))

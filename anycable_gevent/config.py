@@ -26,7 +26,11 @@ from urllib.parse import urlsplit
 import configargparse
 
 from anycable_gevent import __version__
+from anycable_gevent import broadcast as broadcast_backends
+from anycable_gevent import broker as broker_backends
+from anycable_gevent import pubsub as pubsub_backends
 from anycable_gevent.errors import ConfigError
+from anycable_gevent.history import HistoryPolicy, HistorySettings
 
 #: Option sections, in ``--help`` order.
 SECTIONS: dict[str, str] = {
@@ -42,15 +46,15 @@ SECTIONS: dict[str, str] = {
     "metrics": "Metrics",
 }
 
-#: Names accepted by the backend options. The implemented ones are first; the
-#: others are recognised so that the error message can say they are not available.
-BROKERS = ("none", "memory")
-BROADCAST_ADAPTERS = ("http",)
-PUBSUB_ADAPTERS = ("none",)
+#: Names accepted by the backend options come from each family's registry; these are
+#: recognised too, so that the error message can say they are not available.
+BROKERS = tuple(broker_backends.BACKENDS)
+BROADCAST_ADAPTERS = tuple(broadcast_backends.BACKENDS)
+PUBSUB_ADAPTERS = tuple(pubsub_backends.BACKENDS)
 LATER = {
-    "broker": ("redis", "nats"),
-    "broadcast_adapter": ("redis", "redisx", "nats"),
-    "pubsub": ("redis", "nats"),
+    "broker": tuple(n for n in ("redis", "nats") if n not in BROKERS),
+    "broadcast_adapter": tuple(n for n in ("redis", "redisx", "nats") if n not in BROADCAST_ADAPTERS),
+    "pubsub": tuple(n for n in ("redis", "nats") if n not in PUBSUB_ADAPTERS),
 }
 
 DEFAULT_BROADCAST_PORT = 8090
@@ -190,9 +194,15 @@ class Config:
     redisx_stream: str = _opt("__anycable__", "broadcast", "Redis stream of the redisx broadcast adapter")
 
     # -- broker
-    broker: str = _opt("memory", "broker", "Broker: none or memory", choices=BROKERS)
+    broker: str = _opt("memory", "broker", "Broker: " + ", ".join(BROKERS), choices=BROKERS)
     history_limit: int = _opt(100, "broker", "Messages kept per stream (0 = none)")
     history_ttl: int = _opt(300, "broker", "Seconds a message stays in a stream's history")
+    history_overrides: list[str] = _opt(
+        [],
+        "broker",
+        "History per stream-name pattern, first match wins: PATTERN=LIMIT[/TTL], comma-separated "
+        "(e.g. chat/*=1000/3600,cursor/*=0)",
+    )
     sessions_ttl: int = _opt(
         300, "broker", "Seconds a session stays restorable after disconnect (0 = no resumable sessions)"
     )
@@ -202,8 +212,17 @@ class Config:
     )
 
     # -- pub/sub and redis
-    pubsub: str = _opt("none", "pubsub", "Pub/sub adapter between workers and nodes", choices=PUBSUB_ADAPTERS)
-    redis_url: str = _opt("redis://localhost:6379", "pubsub", "Redis URL", env=["REDIS_URL"])
+    pubsub: str = _opt(
+        "",
+        "pubsub",
+        "Pub/sub between workers and nodes: " + " or ".join(PUBSUB_ADAPTERS) + " (default: redis with "
+        "--broker=redis or the redisx adapter, else none)",
+        choices=["", *PUBSUB_ADAPTERS],
+    )
+    redis_url: str = _opt(
+        "redis://localhost:6379", "pubsub", "Redis URL (redis://, rediss:// or unix://)", env=["REDIS_URL"]
+    )
+    redis_prefix: str = _opt("anycable:", "pubsub", "Prefix of every Redis key and channel of this server")
     node_id: str = _opt("", "pubsub", "Node name in logs and metrics (default: random)")
 
     # -- rpc
@@ -305,6 +324,20 @@ class Config:
     def rpc_timeout(self) -> float:
         """Per-request RPC timeout in seconds."""
         return (self.http_rpc_timeout or self.rpc_request_timeout or 3000) / 1000.0
+
+    @property
+    def pubsub_adapter(self) -> str:
+        """The pub/sub in use: ``--pubsub``, or chosen from the broker and broadcasters."""
+        if self.pubsub:
+            return self.pubsub
+        if self.broker == "redis" or "redisx" in self.broadcast_adapter:
+            return "redis"
+        return "none"
+
+    @property
+    def history_policy(self) -> HistoryPolicy:
+        """History settings per stream (``--history_limit``/``--history_ttl`` and the overrides)."""
+        return HistoryPolicy.parse(self.history_overrides, HistorySettings(self.history_limit, self.history_ttl))
 
     @property
     def rpc_enabled(self) -> bool:
@@ -572,7 +605,10 @@ def _validate_backends(cfg: Config) -> None:
     for a in cfg.broadcast_adapter:
         if a not in BROADCAST_ADAPTERS:
             if a in LATER["broadcast_adapter"]:
-                raise ConfigError(f"--broadcast_adapter={a} is not available in this version (available: http)")
+                raise ConfigError(
+                    f"--broadcast_adapter={a} is not available in this version "
+                    f"(available: {', '.join(BROADCAST_ADAPTERS)})"
+                )
             raise ConfigError(
                 f"--broadcast_adapter: unknown adapter {a!r} (choose from {', '.join(BROADCAST_ADAPTERS)})"
             )
@@ -585,6 +621,19 @@ def _validate_backends(cfg: Config) -> None:
     _check(cfg.sessions_ttl >= 0, f"--sessions_ttl: must be >= 0, got {cfg.sessions_ttl}")
     _check(cfg.presence_ttl > 0, f"--presence_ttl: must be > 0 seconds, got {cfg.presence_ttl}")
     _check(cfg.restore_hold >= 0, f"--restore_hold: must be >= 0, got {cfg.restore_hold:g}")
+    try:
+        _ = cfg.history_policy
+    except ValueError as exc:
+        raise ConfigError(f"--history_overrides: {exc}") from None
+    if cfg.pubsub_adapter == "redis" and cfg.broker == "memory":
+        raise ConfigError(
+            "--broker=memory keeps offsets and history in this process only; "
+            "with --pubsub=redis (several processes or nodes) use --broker=redis"
+        )
+    _check(
+        "{" not in cfg.redis_prefix and "}" not in cfg.redis_prefix,
+        "--redis_prefix: must not contain { or } (they make Redis Cluster hash tags)",
+    )
 
     url = urlsplit(cfg.redis_url)
     _check(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: Exit code of a bad configuration (or a port that cannot be bound): not worth a restart.
+EXIT_CONFIG = 2
+
 
 class AnyCableError(Exception):
     """Root of every error this package raises on purpose."""

@@ -24,7 +24,7 @@ import logging
 from typing import Protocol
 
 import gevent
-from gevent.queue import Queue
+from gevent.queue import Full, Queue
 
 from anycable_gevent import protocol
 from anycable_gevent.protocol import StreamMessage, ws_frame
@@ -143,6 +143,14 @@ class Hub:
     def enqueue(self, msg: StreamMessage) -> None:
         """Hand a message to the fan-out greenlet (blocks only when the inbox is full)."""
         self.inbox.put(msg)
+
+    def offer(self, msg: StreamMessage) -> bool:
+        """Hand a message to the fan-out greenlet if there is room; never blocks."""
+        try:
+            self.inbox.put_nowait(msg)
+        except Full:
+            return False
+        return True
 
     # ------------------------------------------------------------------ index
     def join(self, session: HubSession, identifier: str, stream: str, held: bool = False) -> StreamSub:

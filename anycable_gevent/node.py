@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import gevent
@@ -34,16 +34,20 @@ from anycable_gevent.controllers.base import (
     Status,
 )
 from anycable_gevent.disconnector import DisconnectQueue
-from anycable_gevent.errors import BrokerError, HistoryError, ProtocolError
+from anycable_gevent.errors import BrokerError, ProtocolError
 from anycable_gevent.hub import Hub, StreamSub
 from anycable_gevent.metrics import Metrics
 from anycable_gevent.pinger import Pinger
 from anycable_gevent.protocol import Command, HistoryRequest, PresenceEvent, RemoteCommand, StreamMessage
-from anycable_gevent.pubsub import PubSub
+from anycable_gevent.pubsub.base import PubSub
+from anycable_gevent.repair import Sequencer
 from anycable_gevent.session import Session, Subscription
 from anycable_gevent.ticker import every
 
 log = logging.getLogger(__name__)
+
+#: Seconds a history request waits for the pub/sub to confirm new stream subscriptions.
+SUBSCRIBE_WAIT = 5.0
 
 
 def _merge(state: dict[str, str], changes: dict[str, str] | None) -> bool:
@@ -65,15 +69,17 @@ class Node:
         controller: Controller,
         broker: Broker,
         hub: Hub,
+        pubsub: PubSub,
         metrics: Metrics,
-        pubsub_factory: Callable[[Node], PubSub],
     ) -> None:
         self.cfg = cfg
         self.controller = controller
         self.broker = broker
         self.hub = hub
         self.metrics = metrics
-        self.pubsub = pubsub_factory(self)
+        self.pubsub = pubsub
+        #: in-order delivery and gap repair of what comes from another process (Redis)
+        self.sequencer: Sequencer | None = Sequencer(hub, broker, pubsub, metrics) if pubsub.is_multi_node else None
         self.sessions: dict[Session, None] = {}
         self.by_identifiers: dict[str, dict[Session, None]] = {}
         self.pinger = Pinger(
@@ -107,11 +113,10 @@ class Node:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self.broker.start()
-        self.controller.start()
-        self.hub.start()
-        self.pubsub.start()
+        """Start the node's own background work (the other parts are started by the graph)."""
         self.disconnector.start()
+        if self.sequencer is not None:
+            self.sequencer.start()
         if self.resumable:
             # one ticker for every connection (no timer per connection)
             self._toucher = every(max(self.cfg.sessions_ttl / 2.0, 0.5), self._touch_sessions, "session keepalive")
@@ -125,7 +130,8 @@ class Node:
     def background(self) -> int:
         """Background greenlets: fan-out, Disconnect pacing, broker expiry, the keepalives."""
         tickers = sum(g is not None for g in (self._toucher, self._presence_ticker, self._committer))
-        return 2 + (self.broker.supports_sessions or self.broker.supports_presence) + tickers
+        repair = self.sequencer.background if self.sequencer is not None else 0
+        return 2 + (self.broker.supports_sessions or self.broker.supports_presence) + tickers + repair
 
     def _touch_sessions(self) -> None:
         self.broker.touch_sessions([s.sid for s in self.sessions if s.ext and s.authenticated])
@@ -134,7 +140,7 @@ class Node:
         self.broker.touch_presence([s.sid for s in self.present])
 
     def shutdown(self, deadline: float) -> None:
-        """Disconnect every client (server_restart), flush Disconnect calls, stop parts."""
+        """Disconnect every client (server_restart), flush Disconnect calls and snapshots."""
         for session in tuple(self.sessions):
             session.close(
                 protocol.CLOSE_GOING_AWAY,
@@ -151,10 +157,8 @@ class Node:
                 loop.kill(block=False)
         if self._presence_ticker is not None:
             self._presence_ticker.kill(block=False)
-        self.controller.shutdown(max(deadline - time.monotonic(), 0.0))
-        self.broker.shutdown()
-        self.hub.shutdown()
-        self.pubsub.shutdown()
+        if self.sequencer is not None:
+            self.sequencer.shutdown()
 
     # ------------------------------------------------------------------ connections
     def connection(self, session: Session, identifier: str | None = None) -> Connection:
@@ -316,6 +320,8 @@ class Node:
         ss = self.hub.join(session, identifier, stream, held)
         if first:
             self.pubsub.subscribe(stream)
+            if self.sequencer is not None:
+                self.sequencer.track(stream)
         return ss
 
     def _leave(self, ss: StreamSub) -> None:
@@ -323,6 +329,8 @@ class Node:
         self.hub.leave(ss)
         if stream not in self.hub.streams:
             self.pubsub.unsubscribe(stream)
+            if self.sequencer is not None:
+                self.sequencer.untrack(stream)
 
     # ------------------------------------------------------------------ commands
     def handle_frame(self, session: Session, raw: str | bytes) -> None:
@@ -427,7 +435,10 @@ class Node:
             self.metrics.inc("failed_client_msg_total")
             return
         msg = StreamMessage(stream=stream, data=protocol.dumps(cmd.data), exclude_socket=session.sid, transient=True)
-        self.pubsub.broadcast(msg)
+        try:
+            self.broker.publish([msg])
+        except BrokerError as exc:
+            log.debug("whisper dropped sid=%s error=%s", session.sid, exc)
 
     def _join_command(self, session: Session, cmd: Command) -> None:
         sub = session.subscriptions.get(cmd.identifier)
@@ -552,7 +563,10 @@ class Node:
             transient=True,
             broadcast_type=protocol.PRESENCE_TYPE,
         )
-        self.pubsub.broadcast(msg)
+        try:
+            self.broker.publish([msg])
+        except BrokerError as exc:
+            log.warning("presence event not published stream=%s error=%s", stream[:100], exc)
 
     # ------------------------------------------------------------------ history
     def _history(self, session: Session, sub: Subscription, req: HistoryRequest) -> None:
@@ -569,6 +583,10 @@ class Node:
         hub = self.hub
         for _, ss in subs:
             hub.hold(ss)
+        # Read history only once live messages of these streams reach this worker:
+        # a message published in between is then in the history or held live (or both,
+        # deduplicated), never in neither.
+        self.pubsub.wait_subscribed([stream for stream, _ in subs], SUBSCRIBE_WAIT)
         plans: list[tuple[StreamSub, list[StreamMessage], int]] = []
         try:
             for stream, ss in subs:
@@ -580,7 +598,7 @@ class Node:
                     plans.append((ss, self.broker.history_since(stream, req.since), 0))
                 else:
                     plans.append((ss, [], 0))
-        except HistoryError as exc:
+        except BrokerError as exc:  # HistoryError, or the store is unreachable
             log.debug("history rejected sid=%s reason=%s", session.sid, exc)
             session.write_text(protocol.reject_history(identifier))
             for _, ss in subs:
@@ -616,20 +634,41 @@ class Node:
 
     # ------------------------------------------------------------------ broadcasts
     def handle_publication(self, publication: protocol.Publication) -> None:
-        """A publication from a broadcaster (HTTP, ...): register, then pub/sub."""
+        """A publication that only this node got (HTTP, redisx): the broker registers it
+        once and publishes it to every node.
+
+        Raises:
+            BrokerError: not accepted (the broadcaster answers 503 or leaves it pending).
+        """
+        if isinstance(publication, RemoteCommand):
+            self.pubsub.broadcast_command(publication)
+            self.metrics.inc("remote_commands_total")
+            return
+        self.broker.publish(publication)
+        self.metrics.inc("publications_total", len(publication))
+
+    def handle_fanout(self, publication: protocol.Publication) -> None:
+        """A publication that every node got (legacy Redis pub/sub): delivered to this
+        node's clients only, without offsets (nothing registers it)."""
         if isinstance(publication, RemoteCommand):
             self.metrics.inc("remote_commands_total")
-            self.pubsub.broadcast_command(publication)
+            self.handle_remote_command(publication)
             return
         for msg in publication:
-            self.metrics.inc("publications_total")
-            self.broker.register(msg)
-            self.pubsub.broadcast(msg)
+            self.handle_pubsub(msg)
 
     def handle_pubsub(self, msg: StreamMessage) -> None:
-        """A registered message arriving from pub/sub: fan it out."""
+        """A message arriving from pub/sub: fan it out (in offset order, gaps repaired)."""
         self.metrics.inc("broadcast_msg_total")
-        self.hub.enqueue(msg)
+        if self.sequencer is not None:
+            self.sequencer.accept(msg)
+        else:
+            self.hub.enqueue(msg)
+
+    def handle_resubscribed(self, streams: Collection[str]) -> None:
+        """The pub/sub connection was lost and is back: check these streams for gaps."""
+        if self.sequencer is not None:
+            self.sequencer.resync(streams)
 
     def handle_remote_command(self, cmd: RemoteCommand) -> None:
         if cmd.command != "disconnect":

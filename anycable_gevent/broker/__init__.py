@@ -1,19 +1,10 @@
-"""Brokers by name; constructed from the configuration in one place."""
+"""Brokers by name (data only: see :mod:`anycable_gevent.backends`)."""
 
 from __future__ import annotations
 
-from anycable_gevent.broker.base import Broker, NullBroker
-from anycable_gevent.config import Config
+from anycable_gevent.backends import Backend
 
-
-def build_broker(cfg: Config) -> Broker:
-    if cfg.broker == "memory":
-        from anycable_gevent.broker.memory import MemoryBroker
-
-        return MemoryBroker(
-            history_limit=cfg.history_limit,
-            history_ttl=cfg.history_ttl,
-            sessions_ttl=cfg.sessions_ttl,
-            presence_ttl=cfg.presence_ttl,
-        )
-    return NullBroker()
+BACKENDS: dict[str, Backend] = {
+    "none": Backend("anycable_gevent.broker.base:NullBroker"),
+    "memory": Backend("anycable_gevent.broker.memory:MemoryBroker"),
+}

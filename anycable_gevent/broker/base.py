@@ -1,7 +1,20 @@
 """Broker interface: registers broadcasts (offset + epoch), keeps history, sessions and presence.
 
+The broker owns publication: :meth:`Broker.publish` registers each message (the next
+offset of its stream, the stream's epoch, stored in its history) and hands it to the
+pub/sub, in one step, so that the node never knows which backend it has. The Redis
+broker does both in one Lua call per message; the others register in memory and call
+the pub/sub.
+
+Epochs: an offset means one message, forever, within an epoch. Every message carries
+the epoch of its stream (the memory broker has one per process; the Redis broker one per
+stream, kept in Redis beside the stream's counter). A new epoch starts when a stream's
+counter is gone; clients asking for positions of another epoch get ``reject_history``.
+
 Concurrency contract: methods are called from any greenlet. The memory backend never
 yields inside a call; a networked backend may, and must stay correct when it does.
+Every method raises :class:`~anycable_gevent.errors.BrokerError` (never an error of a
+client library) when the store fails.
 
 Presence (SPEC §4.8, §5.4): the broker keeps, per presence stream, who is present (a
 presence id, shared by every session of one user) and which sessions hold each id. It
@@ -13,24 +26,44 @@ the leave events of sessions whose presence expired are handed to
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 from anycable_gevent.errors import BrokerError, HistoryError
 from anycable_gevent.protocol import PresenceEvent, PresenceInfo, StreamMessage
+
+if TYPE_CHECKING:
+    from anycable_gevent.config import Config
+    from anycable_gevent.metrics import Metrics
+    from anycable_gevent.redis_client import RedisConnector
 
 #: Receives ``(presence stream, leave event)`` for presence that expired.
 PresenceHandler = Callable[[str, PresenceEvent], None]
 
 
+class Broadcaster(Protocol):
+    """Where the broker hands registered messages (the pub/sub)."""
+
+    @property
+    def is_multi_node(self) -> bool: ...
+
+    def broadcast(self, msg: StreamMessage) -> None: ...
+
+
 class Broker(ABC):
-    #: The broker's epoch, stamped on every registered message.
-    epoch: str = ""
+    #: Where :meth:`publish` sends messages (set by the composition root before start).
+    broadcaster: Broadcaster
     #: Whether session snapshots are kept for restore.
     supports_sessions: bool = True
     #: Whether presence sets are kept.
     supports_presence: bool = True
     #: Called for every leave caused by expiry (the node sets it; None = nobody listens).
     presence_handler: PresenceHandler | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, metrics: Metrics, redis: RedisConnector | None) -> Broker:
+        """Construct from the configuration (no I/O)."""
+        return cls()
 
     def start(self) -> None:
         """Start background work (expiry)."""
@@ -42,9 +75,29 @@ class Broker(ABC):
     def announce(self) -> str:
         """One line with the effective settings, for the startup banner."""
 
+    def healthy(self) -> str | None:
+        """``None`` when the store works, else what is wrong (``/health`` says it)."""
+        return None
+
+    def publish(self, msgs: list[StreamMessage]) -> None:
+        """Register every non-transient message, then hand all of them to the pub/sub, in order.
+
+        Raises:
+            BrokerError: nothing of it can be promised to have been delivered.
+        """
+        for msg in msgs:
+            self.register(msg)
+        broadcast = self.broadcaster.broadcast
+        for msg in msgs:
+            broadcast(msg)
+
     @abstractmethod
     def register(self, msg: StreamMessage) -> None:
         """Assign the next offset and the epoch to a non-transient message and store it."""
+
+    @abstractmethod
+    def peaks(self, streams: Collection[str]) -> dict[str, tuple[str, int]]:
+        """The ``(epoch, last offset)`` of each stream that has a counter (for gap repair)."""
 
     @abstractmethod
     def history_from(self, stream: str, epoch: str, offset: int) -> list[StreamMessage]:
@@ -108,7 +161,12 @@ class Broker(ABC):
 
     @abstractmethod
     def touch_presence(self, sids: Iterable[str]) -> None:
-        """Keep these sessions' presence for another ``presence_ttl`` (connected, or just gone)."""
+        """Keep these connected sessions' presence for another ``presence_ttl``."""
+
+    def release_presence(self, sids: Iterable[str]) -> None:
+        """These sessions are gone: their presence stays ``presence_ttl`` from now, then
+        expires (with leave events), unless they come back and join again."""
+        self.touch_presence(sids)
 
     def stats(self) -> dict[str, int]:
         return {}
@@ -125,6 +183,9 @@ class NullBroker(Broker):
 
     def register(self, msg: StreamMessage) -> None:
         return None
+
+    def peaks(self, streams: Collection[str]) -> dict[str, tuple[str, int]]:
+        return {}
 
     def history_from(self, stream: str, epoch: str, offset: int) -> list[StreamMessage]:
         raise HistoryError("history is not supported by --broker=none")

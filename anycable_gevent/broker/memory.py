@@ -5,8 +5,9 @@ refuses ``--broker=memory`` with several workers). No method yields, so no locks
 needed under gevent. Expiry is driven by :meth:`sweep`, called once a second by one
 background greenlet; the clock is injectable for tests.
 
-Offsets are never reused within an epoch: an idle stream's counter outlives its
-messages by ``10 × history_ttl`` (as in anycable-go); when it is finally dropped, its
+History limit and TTL are per stream (:mod:`anycable_gevent.history`). Offsets are never
+reused within an epoch: an idle stream's counter outlives its messages by ``10 × its
+history TTL`` (as in anycable-go); when it is finally dropped, its
 last offset is folded into a small table of per-bucket floors, and a stream created
 again in that bucket continues above the floor instead of restarting at 1.
 
@@ -25,15 +26,21 @@ import secrets
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import gevent
 
 from anycable_gevent.broker.base import Broker
 from anycable_gevent.errors import BrokerError, HistoryError
+from anycable_gevent.history import HistoryPolicy, HistorySettings
 from anycable_gevent.protocol import PRESENCE_JOIN, PRESENCE_LEAVE, PresenceEvent, PresenceInfo, StreamMessage
 from anycable_gevent.ticker import every
+
+if TYPE_CHECKING:
+    from anycable_gevent.config import Config
+    from anycable_gevent.metrics import Metrics
+    from anycable_gevent.redis_client import RedisConnector
 
 _EPOCH_ALPHABET = "_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _FLOOR_BUCKETS = 4096
@@ -55,14 +62,16 @@ class _Stream:
     at its payload plus ~80 bytes.
     """
 
-    __slots__ = ("name", "offset", "entries", "deadline", "scheduled")
+    __slots__ = ("name", "offset", "entries", "deadline", "scheduled", "limit", "ttl")
 
-    def __init__(self, name: str, offset: int) -> None:
+    def __init__(self, name: str, offset: int, settings: HistorySettings) -> None:
         self.name = name
         self.offset = offset
         self.entries: deque[tuple[str, int, str | None]] = deque()
         self.deadline = 0.0
         self.scheduled = False
+        self.limit = settings.limit
+        self.ttl = settings.ttl
 
     @property
     def low(self) -> int:
@@ -152,9 +161,9 @@ class MemoryBroker(Broker):
         epoch: str | None = None,
         clock: Callable[[], float] = time.time,
         presence_ttl: int = 15,
+        policy: HistoryPolicy | None = None,
     ) -> None:
-        self.history_limit = history_limit
-        self.history_ttl = history_ttl
+        self.policy = policy or HistoryPolicy(HistorySettings(history_limit, history_ttl))
         self.sessions_ttl = sessions_ttl
         self.presence_ttl = presence_ttl
         self.supports_sessions = sessions_ttl > 0
@@ -174,6 +183,10 @@ class MemoryBroker(Broker):
         # one int object per second for all messages registered in it
         self._ts = 0
 
+    @classmethod
+    def from_config(cls, cfg: Config, metrics: Metrics, redis: RedisConnector | None) -> MemoryBroker:
+        return cls(sessions_ttl=cfg.sessions_ttl, presence_ttl=cfg.presence_ttl, policy=cfg.history_policy)
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         if self._sweeper is None:
@@ -186,9 +199,8 @@ class MemoryBroker(Broker):
 
     def announce(self) -> str:
         return (
-            f"broker: memory (epoch: {self.epoch}, history limit: {self.history_limit}, "
-            f"history ttl: {self.history_ttl}s, sessions ttl: {self.sessions_ttl}s, "
-            f"presence ttl: {self.presence_ttl}s)"
+            f"broker: memory (epoch: {self.epoch}, {self.policy.describe()}, "
+            f"sessions ttl: {self.sessions_ttl}s, presence ttl: {self.presence_ttl}s)"
         )
 
     # ------------------------------------------------------------------ streams
@@ -203,21 +215,30 @@ class MemoryBroker(Broker):
         name = msg.stream
         stream = self._streams.get(name)
         if stream is None:
-            stream = self._streams[name] = _Stream(name, self._floors[self._bucket(name)])
+            settings = self.policy.for_stream(name)
+            stream = self._streams[name] = _Stream(name, self._floors[self._bucket(name)], settings)
         stream.offset += 1
         msg.offset = stream.offset
         msg.epoch = self.epoch
         msg.ts = ts
-        stream.deadline = now + STREAM_LIFETIME_TTLS * self.history_ttl
-        if self.history_limit > 0:
+        stream.deadline = now + STREAM_LIFETIME_TTLS * stream.ttl
+        if stream.limit > 0:
             entries = stream.entries
             text = msg.message()  # validated once here; the fan-out reuses it
             entries.append((msg.data, ts, None if text is msg.data else text))
-            if len(entries) > self.history_limit:
+            if len(entries) > stream.limit:
                 entries.popleft()
         if not stream.scheduled:
             stream.scheduled = True
-            heapq.heappush(self._stream_timers, (now + self.history_ttl, name))
+            heapq.heappush(self._stream_timers, (now + stream.ttl, name))
+
+    def peaks(self, streams: Collection[str]) -> dict[str, tuple[str, int]]:
+        out = {}
+        for name in streams:
+            s = self._streams.get(name)
+            if s is not None:
+                out[name] = (self.epoch, s.offset)
+        return out
 
     @staticmethod
     def _bucket(name: str) -> int:
@@ -346,17 +367,17 @@ class MemoryBroker(Broker):
 
     def _sweep_streams(self, now: float) -> None:
         timers = self._stream_timers
-        cutoff = now - self.history_ttl
         while timers and timers[0][0] <= now:
             _, name = heapq.heappop(timers)
             s = self._streams.get(name)
             if s is None:
                 continue
             entries = s.entries
+            cutoff = now - s.ttl
             while entries and entries[0][1] < cutoff:
                 entries.popleft()
             if entries:
-                heapq.heappush(timers, (entries[0][1] + self.history_ttl + 1, name))
+                heapq.heappush(timers, (entries[0][1] + s.ttl + 1, name))
             elif s.deadline <= now:
                 del self._streams[name]
                 bucket = self._bucket(name)

@@ -1,0 +1,9 @@
+"""Broadcasters by name (data only: see :mod:`anycable_gevent.backends`)."""
+
+from __future__ import annotations
+
+from anycable_gevent.backends import Backend
+
+BACKENDS: dict[str, Backend] = {
+    "http": Backend("anycable_gevent.broadcast.http:HTTPBroadcaster"),
+}

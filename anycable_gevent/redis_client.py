@@ -1,0 +1,117 @@
+"""The Redis clients of one worker, and the names of everything this server keeps there.
+
+One :class:`RedisConnector` per worker, shared by the broker, the pub/sub and the Redis
+broadcasters. Clients are created in :meth:`RedisConnector.start`, i.e. in the worker
+after any fork (a connection pool must never cross a fork). Every error of redis-py is
+turned into :class:`~anycable_gevent.errors.BrokerError` by the callers, with the
+target named by :meth:`RedisConnector.describe`, which never shows credentials.
+
+Key layout (``P`` = ``--redis_prefix``; every key of one stream shares the hash tag
+``{stream}``, so each script touches one Redis Cluster slot):
+
+====================  =========================================================
+``P{S}:m``            hash: ``e`` the stream's epoch, ``s`` its last offset
+``P{S}:h``            stream: history entries, ID ``<offset>-0``, fields ``d`` ``t``
+``P{S}:pz`` …         presence of the stream (see :mod:`anycable_gevent.broker.redis`)
+``P{S}:c``            pub/sub channel of the stream's registered messages
+``Pinternal``         pub/sub channel of remote commands
+``Pnode:<id>``        pub/sub channel of one worker (liveness probes)
+``Psess:<sid>``       string: a session snapshot, expiring ``--sessions_ttl``
+``Ppresence``         sorted set: presence streams by their next expiry
+====================  =========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from anycable_gevent.config import Config
+
+log = logging.getLogger("anycable_gevent.redis")
+
+#: Seconds to connect, and for a command to be answered (a deaf Redis must not hang a worker).
+CONNECT_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 5.0
+#: A pooled connection idle this long is checked (PING) before use: after a Redis restart
+#: the first command must not fail on a dead connection.
+HEALTH_CHECK_INTERVAL = 1
+
+
+def safe_url(url: str) -> str:
+    """The URL without user and password (for logs, the banner and errors)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+class Keys:
+    """Names of keys and channels under one prefix."""
+
+    __slots__ = ("prefix", "internal", "presence_index")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.internal = f"{prefix}internal"
+        self.presence_index = f"{prefix}presence"
+
+    def stream(self, stream: str, kind: str) -> str:
+        return f"{self.prefix}{{{stream}}}:{kind}"
+
+    def channel(self, stream: str) -> str:
+        return f"{self.prefix}{{{stream}}}:c"
+
+    def node(self, name: str) -> str:
+        return f"{self.prefix}node:{name}"
+
+    def session(self, sid: str) -> str:
+        return f"{self.prefix}sess:{sid}"
+
+
+class RedisConnector:
+    """Redis clients for one worker (constructed pre-fork without I/O; :meth:`start` connects lazily)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.url = cfg.redis_url
+        self.keys = Keys(cfg.redis_prefix)
+        self._client: Any = None
+
+    def describe(self) -> str:
+        return safe_url(self.url)
+
+    def start(self) -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT,
+            health_check_interval=HEALTH_CHECK_INTERVAL,
+            retry_on_timeout=False,
+        )
+
+    @property
+    def client(self) -> Any:
+        """The shared command client (a connection pool); after :meth:`start`."""
+        if self._client is None:
+            raise RuntimeError("RedisConnector.start() has not been called")
+        return self._client
+
+    def dedicated(self, socket_timeout: float | None) -> Any:
+        """A connection of its own (pub/sub listeners, blocking stream reads), not pooled."""
+        pool = self.client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs["socket_timeout"] = socket_timeout
+        kwargs["health_check_interval"] = 0
+        return pool.connection_class(**kwargs)
+
+    def shutdown(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # closing a pool must not fail a shutdown
+                log.debug("closing the Redis pool failed", exc_info=True)
