@@ -38,9 +38,10 @@ def issue_token(
         raise ValueError("expires_in must be positive")
     import jwt
 
-    now = int(clock())
     ext = identifiers if isinstance(identifiers, str) else encode(dict(identifiers))
-    return jwt.encode({"ext": ext, "iat": now, "exp": now + int(expires_in)}, secret, algorithm="HS256")
+    # no "iat": verifiers (PyJWT, used by the server) refuse an iat in the future, so a
+    # backend clock slightly ahead of the server's would make fresh tokens fail
+    return jwt.encode({"ext": ext, "exp": int(clock()) + int(expires_in)}, secret, algorithm="HS256")
 
 
 def sign_stream(stream: str, secret: str) -> str:
