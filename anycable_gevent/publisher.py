@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     import redis
 
 log = logging.getLogger(__name__)
+
+P = TypeVar("P", bound="Publisher")
 
 #: The server's defaults (SPEC §6.2, §6.4, §6.5).
 DEFAULT_HTTP_URL = "http://localhost:8090/_broadcast"
@@ -225,7 +227,7 @@ class Publisher(ABC):
     def close(self) -> None:
         """Release connections (the publisher may not be used afterwards)."""
 
-    def __enter__(self) -> Publisher:
+    def __enter__(self: P) -> P:
         return self
 
     def __exit__(self, *exc: object) -> None:

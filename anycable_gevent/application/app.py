@@ -19,7 +19,7 @@ import json
 import logging
 import traceback
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from anycable_gevent.application import protocol
 from anycable_gevent.application.channel import Channel
@@ -28,6 +28,9 @@ from anycable_gevent.application.protocol import Status
 from anycable_gevent.application.request import Request
 from anycable_gevent.keys import RPC_PHRASE, derive_key
 from anycable_gevent.log import conn_ref
+
+if TYPE_CHECKING:
+    import falcon
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +143,10 @@ class Application:
             raise ValueError(f"the application has no {name}: pass secret= or {name}= to Application()")
         return secret
 
-    def wsgi(self, prefix: str = "", **options: Any) -> Any:
+    def wsgi(self, prefix: str = "", **options: Any) -> falcon.App:
         """The WSGI app serving ``POST <prefix>/connect``, ``/command``, ``/disconnect``
         (see :func:`~anycable_gevent.application.wsgi.create_wsgi_app`)."""
-        from anycable_gevent.application.wsgi import create_wsgi_app
+        from anycable_gevent.application.wsgi import create_wsgi_app  # wsgi imports this module
 
         return create_wsgi_app(self, prefix=prefix, **options)
 

@@ -185,6 +185,7 @@ def test_redisx_xadd_entry_holds_the_publication_under_payload(rds: redis.Redis)
                 batch.broadcast("b", 2, transient=True)
             p.disconnect({"user": "ann"}, reconnect=False)
         entries = rds.xrange(key)
+        assert entries is not None
         assert [fields for _, fields in entries] == [
             {b"payload": b'{"stream":"chat/1","data":"{\\"text\\":\\"hi\\"}","meta":{"exclude_socket":"sid-1"}}'},
             {b"payload": b'[{"stream":"a","data":"x"},{"stream":"b","data":"2","meta":{"transient":true}}]'},
@@ -212,7 +213,8 @@ def test_redis_publish_reaches_a_subscriber(rds: redis.Redis) -> None:
     pubsub = rds.pubsub()
     try:
         pubsub.subscribe(channel)
-        assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+        subscribed = pubsub.get_message(timeout=5)
+        assert subscribed is not None and subscribed["type"] == "subscribe"
         with RedisPublisher(REDIS_URL, channel=channel) as p:
             p.broadcast("chat/1", {"text": "hi"})
             p.disconnect('{"user":"ann"}')

@@ -135,7 +135,7 @@ def command(client: testing.TestClient, cmd: str, identifier: str, **extra: Any)
 
 def perform(
     client: testing.TestClient, identifier: str, action: str, istate: dict[str, str] | None = None, **data: Any
-):
+) -> dict[str, Any]:
     env = {"url": "http://x/cable", "istate": istate or {}}
     return command(client, "message", identifier, data=json.dumps({"action": action, **data}), env=env)
 

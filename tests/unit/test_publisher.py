@@ -230,7 +230,9 @@ def test_read_timeout_is_not_retried() -> None:
         (500, b"", PublicationRejected, "no details", ""),
     ],
 )
-def test_rejections_carry_the_servers_error(status: int, body: bytes, cls: type, error: str, details: str) -> None:
+def test_rejections_carry_the_servers_error(
+    status: int, body: bytes, cls: type[PublicationRejected], error: str, details: str
+) -> None:
     pub, pool, delays = publisher(FakeResponse(status, body))
     with pytest.raises(cls) as info:
         pub.broadcast("s", 1)

@@ -103,7 +103,7 @@ def create_app(secret: str, broadcast_url: str) -> falcon.App:
     """The whole application: AnyCable RPC under ``/_anycable`` and ``/login``."""
     cable = ChatApplication(secret)
     cable.register("ChatChannel", ChatChannel(HTTPPublisher(broadcast_url, secret=secret)))
-    app: falcon.App = cable.wsgi(prefix="/_anycable")
+    app = cable.wsgi(prefix="/_anycable")
     app.add_route("/login", Login(cable))
     return app
 
