@@ -93,6 +93,16 @@ class Config:
         [], "server", "Accepted Origin hosts, comma-separated (*.example.com wildcards); empty = any"
     )
     max_conn: int = _opt(0, "server", "Maximum simultaneous connections per worker (0 = unlimited)")
+    handshake_timeout: float = _opt(
+        5.0,
+        "server",
+        "Seconds a connection has to send its request line and headers, also between keep-alive requests (else 408)",
+    )
+    http_body_timeout: float = _opt(
+        10.0, "server", "Seconds a request body may take to arrive, on every HTTP route (else 408)"
+    )
+    http_max_header_size: int = _opt(65536, "server", "Largest request header block in bytes (else 431)")
+    http_max_headers: int = _opt(100, "server", "Most request header lines (else 431)")
     ssl_cert: str = _opt("", "server", "TLS certificate file (PEM)")
     ssl_key: str = _opt("", "server", "TLS private key file (PEM)")
 
@@ -103,7 +113,20 @@ class Config:
         0.0, "ws", "Disconnect extended-protocol clients that send nothing this many seconds after a ping (0 = off)"
     )
     enable_native_pings: bool = _opt(False, "ws", "Also send WebSocket PING control frames")
-    max_message_size: int = _opt(65536, "ws", "Largest client frame in bytes (larger ones close with 1009)")
+    max_message_size: int = _opt(65536, "ws", "Largest client message in bytes (larger ones close with 1009)")
+    ws_max_fragments: int = _opt(
+        128, "ws", "Most frames one fragmented client message may have (else close 1008; 0 = unlimited)"
+    )
+    ws_frame_timeout: float = _opt(
+        30.0,
+        "ws",
+        "Seconds a client may take to finish a frame or fragmented message it has begun (else close 1008; 0 = no limit)",
+    )
+    max_subscriptions: int = _opt(
+        1024,
+        "ws",
+        "Channel subscriptions one connection may hold; more get reject_subscription (0 = unlimited)",
+    )
     ws_write_timeout: float = _opt(2.0, "ws", "Seconds a write to a client may block before it is dropped")
     ws_max_pending_size: int = _opt(
         1048576,
@@ -507,6 +530,13 @@ def validate(cfg: Config) -> None:
     for p in cfg.path:
         _check(p not in reserved, f"--path: {p!r} is already used by --{reserved.get(p)}")
     _check(cfg.max_conn >= 0, f"--max_conn: must be >= 0, got {cfg.max_conn}")
+    _check(cfg.handshake_timeout > 0, f"--handshake_timeout: must be > 0 seconds, got {cfg.handshake_timeout:g}")
+    _check(cfg.http_body_timeout > 0, f"--http_body_timeout: must be > 0 seconds, got {cfg.http_body_timeout:g}")
+    _check(
+        cfg.http_max_header_size >= 1024,
+        f"--http_max_header_size: must be >= 1024 bytes, got {cfg.http_max_header_size}",
+    )
+    _check(cfg.http_max_headers >= 8, f"--http_max_headers: must be >= 8, got {cfg.http_max_headers}")
     _check(bool(cfg.ssl_cert) == bool(cfg.ssl_key), "--ssl_cert and --ssl_key must be given together")
     for name in ("ssl_cert", "ssl_key"):
         v = getattr(cfg, name)
@@ -519,6 +549,9 @@ def _validate_runtime(cfg: Config) -> None:
     _check(cfg.ping_interval > 0, f"--ping_interval: must be > 0 seconds, got {cfg.ping_interval:g}")
     _check(cfg.pong_timeout >= 0, f"--pong_timeout: must be >= 0, got {cfg.pong_timeout:g}")
     _check(cfg.max_message_size > 0, f"--max_message_size: must be > 0, got {cfg.max_message_size}")
+    _check(cfg.ws_max_fragments >= 0, f"--ws_max_fragments: must be >= 0, got {cfg.ws_max_fragments}")
+    _check(cfg.ws_frame_timeout >= 0, f"--ws_frame_timeout: must be >= 0, got {cfg.ws_frame_timeout:g}")
+    _check(cfg.max_subscriptions >= 0, f"--max_subscriptions: must be >= 0, got {cfg.max_subscriptions}")
     _check(cfg.ws_write_timeout > 0, f"--ws_write_timeout: must be > 0 seconds, got {cfg.ws_write_timeout:g}")
     _check(cfg.ws_max_pending_size >= 0, f"--ws_max_pending_size: must be >= 0, got {cfg.ws_max_pending_size}")
     _check(not cfg.enable_ws_compression, "--enable_ws_compression: per-message deflate is not supported")

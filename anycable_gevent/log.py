@@ -125,6 +125,40 @@ def setup(level: str = "info", fmt: str = "text", node_id: str = "", stream: Tex
     return node_id
 
 
+class Throttle:
+    """Logs one line per ``period`` seconds at most, for events that clients can cause at will.
+
+    The first event of a period is logged (with its traceback when asked); the ones after
+    it are counted and the count is added to the next line that gets through, so a client
+    that provokes an error a thousand times a second cannot flood the log.
+    """
+
+    __slots__ = ("logger", "period", "next_at", "suppressed")
+
+    def __init__(self, logger: logging.Logger, period: float) -> None:
+        self.logger = logger
+        self.period = period
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def log(self, level: int, msg: str, *args: Any, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        self.next_at = now + self.period
+        if self.suppressed:
+            msg = f"{msg} suppressed={self.suppressed}"
+            self.suppressed = 0
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+    def error(self, msg: str, *args: Any, exc_info: bool = False) -> None:
+        self.log(logging.ERROR, msg, *args, exc_info=exc_info)
+
+
 def describe_frame(frame: bytes | memoryview) -> str:
     """A server frame (unmasked, as :func:`anycable_gevent.protocol.ws_frame` builds it), for debug logs."""
     data = bytes(frame[:1040])

@@ -56,6 +56,16 @@ COUNTERS: dict[str, str] = {
     "rpc_error_total": "The total number of failed RPC calls",
     "rpc_timeout_total": "The total number of RPC calls that timed out",
     "rpc_canceled_total": "The total number of RPC calls canceled",
+    # limits of this server (not in anycable-go)
+    "refused_connections_total": "The total number of connections refused by --max_conn (503)",
+    "accept_errors_total": "The total number of connections that could not be accepted (out of file descriptors)",
+    "handshake_timeouts_total": "The total number of connections that did not send their request in time (408)",
+    "http_header_limit_total": "The total number of requests refused for a header block over the limits (431)",
+    "http_body_timeouts_total": "The total number of requests whose body did not arrive in time (408)",
+    "ws_message_too_big_total": "The total number of connections closed for a message over --max_message_size (1009)",
+    "ws_fragment_limit_total": "The total number of connections closed for a message of too many fragments (1008)",
+    "ws_frame_timeouts_total": "The total number of connections closed for a frame not finished in time (1008)",
+    "subscriptions_refused_total": "The total number of subscriptions refused by --max_subscriptions",
 }
 
 #: Gauge name -> help text.

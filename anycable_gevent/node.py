@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+from gevent.event import Event
 
 from anycable_gevent import protocol
 from anycable_gevent.broker.base import Broker
@@ -85,6 +86,10 @@ class Node:
         self.disconnector = DisconnectQueue(controller, cfg.disconnect_rate, cfg.disconnect_backlog_size)
         self.resumable = broker.supports_sessions and cfg.sessions_ttl > 0
         self._toucher: gevent.Greenlet | None = None
+        #: sessions whose snapshot waits for the committer (one broker call for all of them)
+        self._to_commit: dict[Session, None] = {}
+        self._commit_wakeup = Event()
+        self._committer: gevent.Greenlet | None = None
         #: Connected sessions that joined a presence set (their presence is kept alive).
         self.present: dict[Session, None] = {}
         self._presence_ticker: gevent.Greenlet | None = None
@@ -110,6 +115,7 @@ class Node:
         if self.resumable:
             # one ticker for every connection (no timer per connection)
             self._toucher = every(max(self.cfg.sessions_ttl / 2.0, 0.5), self._touch_sessions, "session keepalive")
+            self._committer = gevent.spawn(self._commit_loop)
         if self.broker.supports_presence:
             self._presence_ticker = every(
                 max(self.cfg.presence_ttl / 2.0, 0.5), self._touch_presence, "presence keepalive"
@@ -118,7 +124,7 @@ class Node:
     @property
     def background(self) -> int:
         """Background greenlets: fan-out, Disconnect pacing, broker expiry, the keepalives."""
-        tickers = sum(g is not None for g in (self._toucher, self._presence_ticker))
+        tickers = sum(g is not None for g in (self._toucher, self._presence_ticker, self._committer))
         return 2 + (self.broker.supports_sessions or self.broker.supports_presence) + tickers
 
     def _touch_sessions(self) -> None:
@@ -139,8 +145,10 @@ class Node:
             gevent.sleep(0.05)
         self.disconnector.drain(deadline)
         self.pinger.shutdown()
-        if self._toucher is not None:
-            self._toucher.kill(block=False)
+        self._commit_pending()
+        for loop in (self._toucher, self._committer):
+            if loop is not None:
+                loop.kill(block=False)
         if self._presence_ticker is not None:
             self._presence_ticker.kill(block=False)
         self.controller.shutdown(max(deadline - time.monotonic(), 0.0))
@@ -261,7 +269,10 @@ class Node:
         if not session.authenticated:
             return
         if session.ext and self.resumable:
-            self.broker.touch_sessions((session.sid,))
+            if session.dirty or session in self._to_commit:
+                self.end_batch(session)  # its last state, with a fresh expiry
+            else:
+                self.broker.touch_sessions((session.sid,))
         mode = self.cfg.disconnect_mode
         if mode == "always" or (mode == "auto" and session.interest):
             istates = {ident: dict(sub.istate) for ident, sub in session.subscriptions.items()}
@@ -271,8 +282,34 @@ class Node:
         session.close(protocol.CLOSE_NORMAL, "No Pong", protocol.disconnect(protocol.NO_PONG, True))
 
     def _commit(self, session: Session) -> None:
+        """The session's state changed: its snapshot is committed at the end of the batch.
+
+        A client that sends many commands at once (a page subscribing to hundreds of
+        channels) costs one snapshot per batch of frames, not one per command: the
+        reader calls :meth:`end_batch` when it has no more buffered input.
+        """
         if session.ext and self.resumable and session.authenticated:
-            self.broker.commit_session(session.sid, protocol.dumps(session.snapshot()).encode())
+            session.dirty = True
+
+    def end_batch(self, session: Session) -> None:
+        """Hand the session's snapshot to the committer (all of one loop turn in one call)."""
+        session.dirty = False
+        self._to_commit[session] = None
+        self._commit_wakeup.set()
+
+    def _commit_loop(self) -> None:
+        while True:
+            self._commit_wakeup.wait()
+            self._commit_wakeup.clear()
+            try:
+                self._commit_pending()
+            except Exception:
+                log.exception("committing session snapshots failed")
+
+    def _commit_pending(self) -> None:
+        batch, self._to_commit = self._to_commit, {}
+        if batch:
+            self.broker.commit_sessions([(s.sid, s.dump()) for s in batch])
 
     def _join(self, session: Session, identifier: str, stream: str, held: bool = False) -> StreamSub:
         first = stream not in self.hub.streams
@@ -311,6 +348,17 @@ class Node:
         if not identifier or identifier in session.subscriptions:
             self.metrics.inc("failed_client_msg_total")
             log.debug("already subscribed sid=%s identifier=%s", session.sid, identifier)
+            return
+        limit = self.cfg.max_subscriptions
+        if limit and len(session.subscriptions) >= limit:
+            self.metrics.inc("subscriptions_refused_total")
+            log.debug("subscription limit reached sid=%s limit=%d", session.sid, limit)
+            session.write_text(protocol.reject(identifier))
+            return
+        if not protocol.encodable_identifier(identifier):
+            self.metrics.inc("failed_client_msg_total")
+            log.debug("identifier with an unpaired surrogate sid=%s", session.sid)
+            session.write_text(protocol.reject(identifier))
             return
         result = self.controller.subscribe(self.connection(session, identifier), identifier)
         if session.closed:

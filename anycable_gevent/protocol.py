@@ -84,28 +84,49 @@ def loads(text: str | bytes) -> Any:
 
 #: A JSON escape of a UTF-16 surrogate: the only way a decoded string can hold one.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _check_unicode(raw: str | bytes, obj: Any) -> None:
     """Refuse strings with an unpaired surrogate (``"\\ud800"``): they cannot be encoded
     as UTF-8, so echoing or broadcasting them would fail later, far from the input.
 
+    ``raw`` is the JSON text ``obj`` was decoded from.
+
     Raises:
         ProtocolError: such a string is present.
     """
     if isinstance(raw, str):
-        try:
-            probe = raw.encode()
-        except UnicodeEncodeError:
-            raise ProtocolError("string with an unpaired UTF-16 surrogate") from None
-    else:
-        probe = raw
-    if _SURROGATE_ESCAPE.search(probe) is None:
+        if not raw.isascii():  # O(1) for ASCII text: CPython knows it
+            try:
+                raw.encode()
+            except UnicodeEncodeError:
+                raise ProtocolError("string with an unpaired UTF-16 surrogate") from None
+        if _SURROGATE_ESCAPE_TEXT.search(raw) is None:
+            return
+    elif _SURROGATE_ESCAPE.search(raw) is None:
         return  # the common case: no escape that could produce a surrogate
     try:
         _dumps(obj).encode()
     except UnicodeEncodeError:
         raise ProtocolError("string with an unpaired UTF-16 surrogate") from None
+
+
+def encodable_identifier(identifier: str) -> bool:
+    """False when the channel identifier's JSON holds a string that cannot be encoded
+    (an escaped unpaired surrogate): a stream or state taken from it could never be
+    stored or sent. Identifiers that are not JSON are opaque and fine."""
+    if _SURROGATE_ESCAPE_TEXT.search(identifier) is None:
+        return True
+    try:
+        obj = loads(identifier)
+    except ValueError:
+        return True
+    try:
+        _check_unicode(identifier, obj)
+    except ProtocolError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- client frames

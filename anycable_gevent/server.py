@@ -30,8 +30,9 @@ from anycable_gevent.metrics import DIR_ENV as METRICS_DIR_ENV
 from anycable_gevent.metrics import Metrics, parse_tags
 from anycable_gevent.node import Node
 from anycable_gevent.pubsub import LocalPubSub
+from anycable_gevent.transport import CableHandler, CableServer, ConnectionGate, HTTPLimits
 from anycable_gevent.web import Dispatcher, create_broadcast_app, health_app, metrics_app
-from anycable_gevent.ws import CableEndpoint, CableHandler, CableServer
+from anycable_gevent.ws import CableEndpoint
 
 log = logging.getLogger("anycable_gevent.main")
 
@@ -170,19 +171,33 @@ class Server:
         ssl: dict[str, Any] = {}
         if cfg.ssl_cert:
             ssl = {"certfile": cfg.ssl_cert, "keyfile": cfg.ssl_key}
+        limits = HTTPLimits(
+            handshake_timeout=cfg.handshake_timeout,
+            body_timeout=cfg.http_body_timeout,
+            max_header_bytes=cfg.http_max_header_size,
+            max_headers=cfg.http_max_headers,
+            max_conn=cfg.max_conn,
+        )
+        # one count for every WebSocket port: --max_conn is per worker
+        gate = ConnectionGate(cfg.max_conn)
         for port, listener in self.listeners.items():
+            dispatcher = self.dispatchers[port]
             server: Any = CableServer(
                 listener,
-                self.dispatchers[port],
+                dispatcher,
                 handler_class=CableHandler,
                 # plain greenlets for requests: nothing joins or links them, and a
                 # WebSocket hands its socket to a greenlet of its own at once
                 spawn=gevent.spawn_raw,
                 log=None,
                 error_log=_ErrorLog(),
+                ws_paths=dispatcher.ws_paths,
+                allowed_origins=cfg.allowed_origins,
+                limits=limits,
+                metrics=self.metrics,
+                gate=gate if dispatcher.ws_paths else None,
                 **ssl,
             )
-            server.cable = self.endpoint
             server.start()
             self.servers.append(server)
         gevent.signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
@@ -244,6 +259,17 @@ class Server:
             cfg.max_message_size,
             f"{cfg.ws_max_pending_size} bytes" if cfg.ws_max_pending_size else "unlimited",
             cfg.max_conn or "unlimited",
+        )
+        log.info(
+            "Limits: handshake %gs, headers %d bytes / %d lines, body %gs, subscriptions per client %s, "
+            "fragments per message %s, frame %s",
+            cfg.handshake_timeout,
+            cfg.http_max_header_size,
+            cfg.http_max_headers,
+            cfg.http_body_timeout,
+            cfg.max_subscriptions or "unlimited",
+            cfg.ws_max_fragments or "unlimited",
+            f"{cfg.ws_frame_timeout:g}s" if cfg.ws_frame_timeout else "no deadline",
         )
         if "http" in cfg.broadcast_adapter:
             log.info(

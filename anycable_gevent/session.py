@@ -15,6 +15,7 @@ also runs every command of this connection, one at a time, in order.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections import deque
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a server-closed connection waits for the client's close frame.
 CLOSE_GRACE = 2.0
+
+_encode_snapshot = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class Subscription:
@@ -75,6 +78,7 @@ class Session:
         "awaiting_pong",
         "hold_timer",
         "ping_bucket",
+        "dirty",
         "__weakref__",
     )
 
@@ -117,6 +121,8 @@ class Session:
         self.awaiting_pong = 0.0
         self.hold_timer: gevent.Greenlet | None = None
         self.ping_bucket: Any = None
+        #: the state changed since the snapshot was last handed to the broker
+        self.dirty = False
 
     @property
     def direct(self) -> bool:
@@ -312,6 +318,11 @@ class Session:
     def note_interest(self, interest: Interest) -> None:
         if interest != Interest.NONE:
             self.interest = True
+
+    def dump(self) -> bytes:
+        """The snapshot as JSON bytes: ASCII with escapes, so that any string (even one an
+        RPC backend returned with a lone surrogate in it) round-trips."""
+        return _encode_snapshot(self.snapshot()).encode()
 
     def snapshot(self) -> dict[str, Any]:
         """What a restore needs (SPEC §5.3), as a JSON-able dict."""

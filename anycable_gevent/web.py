@@ -14,6 +14,7 @@ from anycable_gevent import protocol
 from anycable_gevent.config import Config
 from anycable_gevent.errors import ProtocolError
 from anycable_gevent.metrics import Metrics
+from anycable_gevent.transport import BodyTimeout
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,18 @@ class BroadcastResource:
         # Without Content-Length (chunked upload) falcon's bounded stream reads nothing;
         # the server's input stream decodes the chunks, and the limit still applies.
         stream = req.bounded_stream if length is not None else req.stream
-        body = stream.read(self.max_body + 1)
+        try:
+            body = stream.read(self.max_body + 1)
+        except BodyTimeout:
+            resp.set_header("Connection", "close")
+            _error(resp, falcon.HTTP_408, "request timeout", "the body did not arrive in time")
+            return
+        except (OSError, ValueError) as exc:
+            # a broken chunked encoding, a body shorter than its Content-Length: nobody
+            # knows where the next request would start, so the connection ends here
+            resp.set_header("Connection", "close")
+            _error(resp, falcon.HTTP_400, "bad request", f"the body could not be read: {exc}")
+            return
         if len(body) > self.max_body:
             _error(resp, falcon.HTTP_413, "body too large", f"limit is {self.max_body} bytes")
             return

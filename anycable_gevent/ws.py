@@ -1,39 +1,52 @@
-"""WebSocket endpoint: the upgrade (through gevent-websocket) and the reader loop.
+"""WebSocket endpoint: an upgraded connection's session and its reader loop.
 
-gevent-websocket does the HTTP upgrade; this module checks the path and Origin before
-it, negotiates the sub-protocol in the 101 response (gevent-websocket alone only
-answers a protocol the application hard-codes), adds ``X-AnyCable-Version``, and then
-reads frames itself: the payload length is checked against ``--max_message_size``
-before a byte of payload is read (close 1009), and unmasking runs at C speed.
-Writes never go through gevent-websocket (see :mod:`anycable_gevent.session`).
+The upgrade itself happens in :mod:`anycable_gevent.transport` (gevent-websocket);
+then this module owns the socket and reads frames itself (:class:`FrameReader`): the
+payload length is checked against ``--max_message_size`` before a byte of payload is
+read (close 1009), unmasking runs at C speed, and RFC 6455 is enforced (close codes,
+UTF-8 of text messages, fragment and time limits). Writes never go through
+gevent-websocket (see :mod:`anycable_gevent.session`).
+
+Every close the server starts (1002, 1007, 1008, 1009, 1001 at shutdown, ``too_slow``)
+ends with a lingering close: the close frame is sent, the socket half-closed, and input
+is discarded until the client's close frame or EOF (or the session's close timer), so
+the close frame is not lost to a reset.
+
+A burst of frames from one client does not hold the worker: the reader yields to the
+other greenlets between frames while input is buffered, and session snapshots are
+committed once per batch of frames, not once per command.
 """
 
 from __future__ import annotations
 
-import binascii
 import logging
 import struct
+import time
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import gevent
-from gevent.pywsgi import WSGIServer
-from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 
-from anycable_gevent import __version__, protocol
+from anycable_gevent import protocol
 from anycable_gevent.config import Config
 from anycable_gevent.controllers.base import Env
-from anycable_gevent.errors import MessageTooBig, ProtocolError
+from anycable_gevent.errors import (
+    ConnectionFailure,
+    FrameTimeout,
+    InvalidText,
+    MessageTooBig,
+    TooManyFragments,
+)
 from anycable_gevent.ids import new_sid
+from anycable_gevent.log import Throttle
 from anycable_gevent.metrics import Metrics
 from anycable_gevent.node import Node
 from anycable_gevent.session import CLOSE_GRACE, DebugSession, Session
 
 log = logging.getLogger(__name__)
 
-#: Buffer of the HTTP request reader (anycable-go uses 1 KiB too); the default would be 8 KiB.
-READ_BUFFER = 1024
 #: Largest single read of WebSocket data.
 READ_CHUNK = 16384
 
@@ -49,187 +62,10 @@ class ClosedByPeer(Exception):
         self.code = code
 
 
-def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
-    """SPEC §2.2: host[:port] of Origin equals an entry, or ends with the text after ``*``."""
-    if not allowed:
-        return True
-    if not origin:
-        return False
-    host = urlsplit(origin.strip()).netloc.lower()
-    if not host:
-        return False
-    for entry in allowed:
-        entry = entry.lower()
-        if entry.startswith("*"):
-            if host.endswith(entry[1:]):
-                return True
-        elif host == entry:
-            return True
-    return False
-
-
-class RequestHeaders:
-    """Request headers for pywsgi, parsed without the ``email`` package.
-
-    pywsgi's default (``http.client.parse_headers``) builds an ``email`` message for
-    every request; on a server that accepts thousands of WebSocket connections a
-    second, that parser was the largest single cost of a handshake. This class offers
-    the part of that interface pywsgi uses (``get``, ``getheader``, ``headers``,
-    ``typeheader``, ``status``, ``del``).
-    """
-
-    __slots__ = ("items", "status")
-
-    MAX_LINE = 65536
-    MAX_HEADERS = 100
-
-    def __init__(self) -> None:
-        #: (lower-cased name, value) pairs in arrival order, repeats kept
-        self.items: list[tuple[str, str]] = []
-        self.status = ""
-
-    @classmethod
-    def parse(cls, fp: Any, *_: Any) -> RequestHeaders:
-        headers = cls()
-        items = headers.items
-        for _count in range(cls.MAX_HEADERS + 1):
-            line = fp.readline(cls.MAX_LINE + 1)
-            if len(line) > cls.MAX_LINE:
-                headers.status = "Line too long"
-                return headers
-            if line in (b"\r\n", b"\n", b""):
-                return headers
-            text = line.decode("latin-1")
-            if text[0] in " \t" and items:  # obsolete line folding: continues the last value
-                name, value = items[-1]
-                items[-1] = (name, f"{value} {text.strip()}")
-                continue
-            name, sep, value = text.partition(":")
-            if not sep or not name.strip():
-                headers.status = "Invalid header line"
-                return headers
-            items.append((name.strip().lower(), value.strip()))
-        headers.status = "Too many headers"
-        return headers
-
-    def get(self, name: str, default: Any = None) -> Any:
-        name = name.lower()
-        for key, value in self.items:
-            if key == name:
-                return value
-        return default
-
-    getheader = get
-
-    def __delitem__(self, name: str) -> None:
-        name = name.lower()
-        self.items = [(k, v) for k, v in self.items if k != name]
-
-    @property
-    def headers(self) -> list[str]:
-        return [f"{k}: {v}\r\n" for k, v in self.items]
-
-    @property
-    def typeheader(self) -> str | None:
-        return self.get("content-type")  # type: ignore[no-any-return]
-
-
-class CableHandler(WebSocketHandler):
-    """gevent-websocket's handler with AnyCable's upgrade rules."""
-
-    def __init__(self, sock: Any, address: Any, server: Any, rfile: Any = None) -> None:
-        if rfile is None:
-            rfile = sock.makefile("rb", READ_BUFFER)
-        super().__init__(sock, address, server, rfile)
-
-    def MessageClass(self, *args: Any) -> RequestHeaders:  # noqa: N802 - pywsgi's name
-        return RequestHeaders.parse(*args)
-
-    def _headers(self) -> Any:
-        # pywsgi formats every header as a line and splits it again; ours are pairs already
-        for key, value in self.headers.items:
-            if "_" in key:
-                continue  # pywsgi drops names with underscores (they would collide)
-            name = key.replace("-", "_").upper()
-            if name != "CONTENT_TYPE" and name != "CONTENT_LENGTH":
-                yield "HTTP_" + name, value
-
-    def _sendall(self, data: Any) -> None:
-        if self.code == 101 and self.environ.get("wsgi.websocket") is not None and not hasattr(self, "upgrade_head"):
-            # Keep the 101 response: the session sends it together with the welcome.
-            self.upgrade_head = bytes(data)
-            self.response_length += len(data)
-            return
-        super()._sendall(data)
-
-    def upgrade_websocket(self) -> Any:
-        endpoint: CableEndpoint | None = getattr(self.server, "cable", None)
-        path = self.environ.get("PATH_INFO", "")
-        if endpoint is None or path not in endpoint.paths:
-            return None  # not a cable path: the WSGI app answers
-        if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
-            return None  # plain HTTP to the cable path: the app answers 400
-        if not origin_allowed(self.environ.get("HTTP_ORIGIN"), endpoint.cfg.allowed_origins):
-            self.start_response("403 Forbidden", [("Content-Type", "text/plain")])
-            return [b"Origin not allowed"]
-        if endpoint.cfg.max_conn and len(endpoint.node.sessions) >= endpoint.cfg.max_conn:
-            self.start_response("503 Service Unavailable", [("Content-Type", "text/plain"), ("Retry-After", "1")])
-            return [b"Too many connections"]
-        offered = self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
-        self.environ["anycable.protocol"] = protocol.select_protocol(offered) if offered else None
-        # gevent-websocket's own refusals are written for Python 2: HTTP/1.0 gets "402",
-        # a key that is not base64 raises binascii.Error, and bodies are str (a 500 here).
-        if self.request_version != "HTTP/1.1":
-            self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
-            return [b"WebSocket upgrade needs HTTP/1.1"]
-        try:
-            result = super().upgrade_websocket()
-        except binascii.Error:
-            self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
-            return [b"Invalid Sec-WebSocket-Key"]
-        return [part.encode() if isinstance(part, str) else part for part in result] if result else result
-
-    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        if status.startswith("101"):
-            headers = list(headers)
-            chosen = self.environ.get("anycable.protocol")
-            if chosen:
-                headers.append(("Sec-WebSocket-Protocol", chosen))
-            headers.append(("X-AnyCable-Version", __version__))
-        return super().start_response(status, headers, exc_info)
-
-    def run_websocket(self) -> None:
-        # gevent-websocket also records every connection in ``server.clients``; nothing
-        # here reads that map, so skip it (one object and a dict entry per connection).
-        try:
-            list(self.application(self.environ, lambda status, headers, exc_info=None: []))
-        finally:
-            self.websocket = None
-
-    def log_request(self) -> None:
-        if "101" not in str(self.status):
-            log.debug("%s", self.format_request())
-
-
-class CableServer(WSGIServer):
-    """A pywsgi server whose WebSocket connections outlive their WSGI handler.
-
-    Once a connection is upgraded, :class:`CableEndpoint` takes the socket over and
-    serves it from a fresh greenlet, and the WSGI handler finishes at once. An idle
-    connection then holds only its session, its socket and a shallow greenlet, not the
-    handler, the environ and a deep stack (see README: memory per connection).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: ids of client sockets taken over by a session: not closed when the handler ends
-        self.detached: set[int] = set()
-
-    def do_close(self, sock: Any, *args: Any) -> None:
-        if id(sock) in self.detached:
-            self.detached.discard(id(sock))
-            return
-        super().do_close(sock, *args)
+#: Close codes a client may send (RFC 6455 §7.4): 1004-1006 and 1015 are reserved, and
+#: 1016-2999 are unassigned. Anything else in a close frame is answered with 1002.
+def valid_close_code(code: int) -> bool:
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 class FrameReader:
@@ -241,18 +77,72 @@ class FrameReader:
     (``read1``): it returns whatever that reader had buffered beyond the HTTP request
     (a client that sent a frame right behind its handshake) or else reads the socket,
     so nothing is lost and no extra system call is spent on checking.
+
+    Limits: a message over ``max_size`` payload bytes or of more than ``max_fragments``
+    frames fails the connection before its payload is read; once a message has begun,
+    it must be complete within ``frame_timeout`` seconds of the first read that had to
+    wait for it (an idle connection between messages waits as long as it likes).
     """
 
-    __slots__ = ("recv", "sock_recv", "buf", "pos", "max_size", "on_ping", "on_pong")
+    __slots__ = (
+        "recv",
+        "sock_recv",
+        "buf",
+        "pos",
+        "max_size",
+        "max_fragments",
+        "frame_timeout",
+        "deadline",
+        "mid",
+        "on_ping",
+        "on_pong",
+    )
 
-    def __init__(self, sock: Any, rfile: Any, max_size: int, on_ping: Any, on_pong: Any) -> None:
+    def __init__(
+        self,
+        sock: Any,
+        rfile: Any,
+        max_size: int,
+        on_ping: Any,
+        on_pong: Any,
+        max_fragments: int = 0,
+        frame_timeout: float = 0.0,
+    ) -> None:
         self.sock_recv = sock.recv
         self.recv = rfile.read1 if rfile is not None else sock.recv
         self.buf = b""
         self.pos = 0
         self.max_size = max_size
+        self.max_fragments = max_fragments
+        self.frame_timeout = frame_timeout
+        #: monotonic time by which the message being read must be complete (0 = not set)
+        self.deadline = 0.0
+        #: inside a message (its first header byte has been read)
+        self.mid = False
         self.on_ping = on_ping
         self.on_pong = on_pong
+
+    @property
+    def buffered(self) -> bool:
+        """Input already read from the socket and not parsed yet (a burst)."""
+        return self.pos < len(self.buf)
+
+    def _read_more(self, want: int, waiting_mid_message: bool) -> bytes:
+        if waiting_mid_message and self.frame_timeout > 0:
+            now = time.monotonic()
+            if not self.deadline:
+                self.deadline = now + self.frame_timeout
+            left = self.deadline - now
+            if left <= 0:
+                raise FrameTimeout("frame not finished in time")
+            with gevent.Timeout(left, False):  # type: ignore[arg-type]
+                chunk = self.recv(want)
+                self.recv = self.sock_recv
+                return chunk  # type: ignore[no-any-return]
+            raise FrameTimeout("frame not finished in time")
+        chunk = self.recv(want)
+        self.recv = self.sock_recv  # after the first read: the socket itself
+        return chunk  # type: ignore[no-any-return]
 
     def _exact(self, n: int) -> bytes:
         buf, pos = self.buf, self.pos
@@ -261,8 +151,7 @@ class FrameReader:
             parts = [buf[pos:]]
             have = len(buf) - pos
             while have < n:
-                chunk = self.recv(max(n - have, READ_CHUNK))
-                self.recv = self.sock_recv  # after the first read: the socket itself
+                chunk = self._read_more(max(n - have, READ_CHUNK), self.mid or have > 0)
                 if not chunk:
                     raise EOFError
                 parts.append(chunk)
@@ -275,65 +164,145 @@ class FrameReader:
             self.buf, self.pos = buf, end
         return buf[pos:end]
 
+    def _skip(self, n: int) -> None:
+        """Discard ``n`` bytes of input without keeping them."""
+        left = len(self.buf) - self.pos
+        if n <= left:
+            self.pos += n
+            return
+        n -= left
+        self.buf, self.pos = b"", 0
+        while n > 0:
+            chunk = self._read_more(min(n, 65536), False)
+            if not chunk:
+                raise EOFError
+            n -= len(chunk)
+            if n < 0:  # read past the skipped bytes: keep the rest
+                self.buf, self.pos = chunk, len(chunk) + n
+                return
+
     def _control(self, op: int, fin: int, length: int) -> None:
         if not fin or length > 125:
-            raise ProtocolError("invalid control frame")
+            raise ConnectionFailure("invalid control frame")
         mask = self._exact(4)
         payload = protocol.unmask(self._exact(length), mask) if length else b""
         if op == protocol.OP_CLOSE:
-            code = _unpack_short(payload[:2])[0] if len(payload) >= 2 else protocol.CLOSE_NORMAL
+            code = 0
+            if length:
+                if length < 2:
+                    raise ConnectionFailure("close frame with a 1-byte payload", resync=0)
+                code = _unpack_short(payload[:2])[0]
+                if not valid_close_code(code):
+                    raise ConnectionFailure(f"invalid close code {code}", resync=0)
+                try:
+                    payload[2:].decode()
+                except UnicodeDecodeError:
+                    raise ConnectionFailure("close reason is not UTF-8", resync=0) from None
             raise ClosedByPeer(code)
         if op == protocol.OP_PING:
             self.on_ping(payload)
         elif op == protocol.OP_PONG:
             self.on_pong()
         else:
-            raise ProtocolError(f"unknown opcode {op}")
+            raise ConnectionFailure(f"unknown opcode {op}")
 
-    def message(self) -> tuple[int, bytes]:
-        """Next text or binary message as ``(opcode, payload)``.
+    def message(self) -> tuple[int, str | bytes]:
+        """Next text message as ``str`` or binary message as ``bytes``: ``(opcode, payload)``.
 
         Raises:
-            ClosedByPeer: a close frame arrived.
-            MessageTooBig: the message is over ``max_size``.
-            ProtocolError: the client broke RFC 6455 framing.
+            ClosedByPeer: a valid close frame arrived (``code`` 0: it had none).
+            ConnectionFailure: the client broke RFC 6455 framing or a limit; the
+                subclass names the close code to answer with.
             EOFError: the connection ended.
         """
         opcode = 0
         parts: list[bytes] = []
         size = 0
+        fragments = 0
         while True:
-            b1, b2 = self._exact(2)
-            fin = b1 & 0x80
-            if b1 & 0x70:
-                raise ProtocolError("reserved bits set")
-            op = b1 & 0x0F
-            length = b2 & 0x7F
-            if not b2 & 0x80:
-                raise ProtocolError("client frames must be masked")
-            if length == 126:
-                (length,) = _unpack_short(self._exact(2))
-            elif length == 127:
-                (length,) = _unpack_long(self._exact(8))
+            fin, op, length = self._header()
             if op >= 0x8:
                 self._control(op, fin, length)
+                if not opcode:
+                    self.mid = False  # a control frame between messages ends nothing
+                    self.deadline = 0.0
                 continue
             if op == protocol.OP_CONT:
                 if not opcode:
-                    raise ProtocolError("continuation without a message")
+                    raise ConnectionFailure("continuation without a message")
             elif op in (protocol.OP_TEXT, protocol.OP_BINARY):
                 if opcode:
-                    raise ProtocolError("new message inside a fragmented one")
+                    raise ConnectionFailure("new message inside a fragmented one")
                 opcode = op
             else:
-                raise ProtocolError(f"unknown opcode {op}")
+                raise ConnectionFailure(f"unknown opcode {op}")
+            fragments += 1
+            if self.max_fragments and fragments > self.max_fragments:
+                raise TooManyFragments(f"message of more than {self.max_fragments} frames", resync=4 + length)
             size += length
             if size > self.max_size:
-                raise MessageTooBig(f"message of {size} bytes or more")
+                raise MessageTooBig(f"message of {size} bytes or more", resync=4 + length)
             mask = self._exact(4)
-            parts.append(protocol.unmask(self._exact(length), mask) if length else b"")
+            if length:
+                parts.append(protocol.unmask(self._exact(length), mask))
             if fin:
-                return opcode, parts[0] if len(parts) == 1 else b"".join(parts)
+                return self._complete(opcode, parts)
+
+    def _header(self) -> tuple[int, int, int]:
+        """A frame header: ``(fin, opcode, payload length)``; the mask follows."""
+        b1, b2 = self._exact(2)
+        self.mid = True
+        if b1 & 0x70:
+            raise ConnectionFailure("reserved bits set")
+        if not b2 & 0x80:
+            raise ConnectionFailure("client frames must be masked")
+        length = b2 & 0x7F
+        if length == 126:
+            (length,) = _unpack_short(self._exact(2))
+        elif length == 127:
+            (length,) = _unpack_long(self._exact(8))
+        return b1 & 0x80, b1 & 0x0F, length
+
+    def _complete(self, opcode: int, parts: list[bytes]) -> tuple[int, str | bytes]:
+        self.mid = False
+        self.deadline = 0.0
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        if opcode == protocol.OP_TEXT:
+            try:
+                return opcode, payload.decode()
+            except UnicodeDecodeError:
+                raise InvalidText("text message is not UTF-8", resync=0) from None
+        return opcode, payload
+
+    def linger(self, resync: int = 0) -> None:
+        """After the server sent its close frame: discard input until the client's close
+        frame or the end of the connection, so that nothing unread is left when the
+        socket is closed (unread input makes the kernel answer with a reset, and the
+        client never sees the close frame). The session's close timer bounds the wait.
+
+        Args:
+            resync: unread bytes of the frame that caused the close (skipped, then frames
+                are parsed again), or -1 when frame boundaries are lost (raw discard).
+        """
+        self.frame_timeout = 0.0
+        try:
+            if resync < 0:
+                while self._read_more(65536, False):
+                    pass
+                return
+            self._skip(resync)
+            while True:
+                b1, b2 = self._exact(2)
+                length = b2 & 0x7F
+                if length == 126:
+                    (length,) = _unpack_short(self._exact(2))
+                elif length == 127:
+                    (length,) = _unpack_long(self._exact(8))
+                if b1 & 0x0F == protocol.OP_CLOSE:
+                    return
+                self._skip(length + (4 if b2 & 0x80 else 0))
+        except (EOFError, OSError):
+            return
 
 
 class CableEndpoint:
@@ -343,7 +312,6 @@ class CableEndpoint:
         self.cfg = cfg
         self.node = node
         self.metrics = metrics
-        self.paths = set(cfg.path)
         #: (header name, environ key) for each ``--headers`` entry, computed once
         self.headers = [(h.lower(), "HTTP_" + h.upper().replace("-", "_")) for h in cfg.headers]
         self.jwt_header = "x-" + cfg.jwt_param.lower()
@@ -351,6 +319,8 @@ class CableEndpoint:
         #: Connections are authenticated without I/O (no RPC backend), so the 101
         #: response can wait for the welcome and leave in the same write.
         self.local_auth = not cfg.rpc_enabled
+        #: unexpected errors: a traceback now and then, not one per client
+        self._crashes = Throttle(log, 60.0)
 
     def env(self, environ: dict[str, Any], remote_addr: str) -> Env:
         scheme = "https" if environ.get("wsgi.url_scheme") == "https" else "http"
@@ -384,6 +354,7 @@ class CableEndpoint:
         chosen = environ.get("anycable.protocol")
         remote = environ.get("REMOTE_ADDR", "")
         env = self.env(environ, remote)
+        cfg = self.cfg
         # --debug: a session class that logs each outgoing frame (the normal one never checks)
         session = (DebugSession if log.isEnabledFor(logging.DEBUG) else Session)(
             new_sid(),
@@ -392,8 +363,8 @@ class CableEndpoint:
             parse_query(environ.get("QUERY_STRING", "")),
             chosen == protocol.PROTOCOL_EXT_JSON,
             self.metrics,
-            self.cfg.ws_max_pending_size,
-            self.cfg.ws_write_timeout,
+            cfg.ws_max_pending_size,
+            cfg.ws_write_timeout,
         )
         node = self.node
         head: bytes | None = getattr(handler, "upgrade_head", None)
@@ -405,26 +376,25 @@ class CableEndpoint:
         reader = FrameReader(
             sock,
             _release_http_state(handler, ws, environ),
-            self.cfg.max_message_size,
+            cfg.max_message_size,
             lambda payload: session.write(protocol.ws_frame(payload, protocol.OP_PONG)),
             lambda: node.note_activity(session),
+            cfg.ws_max_fragments,
+            cfg.ws_frame_timeout,
         )
-        server = handler.server
-        detached = getattr(server, "detached", None)
-        if detached is not None and session.direct:
-            # Take the socket over: pywsgi must neither drain nor close it when the
-            # handler returns (its cleanup is skipped for handler.socket = None and
-            # CableServer.do_close skips detached sockets). TLS sockets stay put.
-            handler.socket = None
-            detached.add(id(sock))
-            gevent.spawn_raw(self.serve, session, reader, True)
+        take_over = getattr(handler.server, "take_over", None)
+        if take_over is not None and session.direct:
+            # The socket is ours from now on: served from a greenlet of its own, closed
+            # here (TLS sockets stay in the handler's greenlet).
+            gevent.spawn_raw(self.serve, session, reader, take_over(handler))
             return
-        self.serve(session, reader, False)
+        self.serve(session, reader, None)
 
-    def serve(self, session: Session, reader: FrameReader, owned: bool) -> None:
+    def serve(self, session: Session, reader: FrameReader, release: Callable[[], None] | None) -> None:
         """Authenticate, then read until the connection ends (the connection's greenlet).
 
-        ``owned``: the socket was taken over from pywsgi and is closed here.
+        ``release``: the socket was taken over from pywsgi; it is closed here and then
+        ``release`` is called.
         """
         node = self.node
         try:
@@ -433,36 +403,40 @@ class CableEndpoint:
             if opened:
                 self._read_loop(session, reader)
             else:
-                self._drain(session, reader)
+                reader.linger()
+        except Exception:
+            self._crashes.error("connection failed conn=%s", session.ref, exc_info=True)
+            session.close(protocol.CLOSE_INTERNAL_ERROR, "Internal error")
+            reader.linger(-1)
         finally:
             node.close(session)
-            if owned:
+            if release is not None:
                 try:
                     session.sock.close()
                 except OSError:
                     pass
+                release()
 
     def _read_loop(self, session: Session, reader: FrameReader) -> None:
         node = self.node
         metrics = self.metrics
         debug = log.isEnabledFor(logging.DEBUG)
         while True:
+            if session.dirty and not reader.buffered:
+                node.end_batch(session)  # about to wait: commit what this batch changed
             try:
                 _, payload = reader.message()
             except ClosedByPeer as closed:
                 session.reply_close(closed.code)
                 session.flush(CLOSE_GRACE)
                 return
-            except MessageTooBig as exc:
-                log.info("closing: %s conn=%s", exc, session.ref)
+            except ConnectionFailure as exc:
+                log.info("closing: %s code=%d conn=%s", exc, exc.code, session.ref)
                 metrics.inc("failed_client_msg_total")
-                session.close(protocol.CLOSE_TOO_BIG, "Message too big")
-                self._drain(session, reader)
-                return
-            except ProtocolError as exc:
-                log.info("closing: protocol error %s conn=%s", exc, session.ref)
-                session.close(protocol.CLOSE_PROTOCOL_ERROR, "Protocol error")
-                self._drain(session, reader)
+                if exc.counter:
+                    metrics.inc(exc.counter)
+                session.close(exc.code, exc.reason)
+                reader.linger(exc.resync)
                 return
             except (EOFError, OSError):
                 return
@@ -471,17 +445,11 @@ class CableEndpoint:
             if session.closing:
                 continue
             if debug:
-                log.debug("incoming frame sid=%s frame=%s", session.sid, payload[:1024].decode("utf-8", "replace"))
+                text = payload if isinstance(payload, str) else payload.decode("utf-8", "replace")
+                log.debug("incoming frame sid=%s frame=%s", session.sid, text[:1024])
             node.handle_frame(session, payload)
-
-    @staticmethod
-    def _drain(session: Session, reader: FrameReader) -> None:
-        """After a server-side close: wait for the client's close frame (or EOF)."""
-        while True:
-            try:
-                reader.message()
-            except (ClosedByPeer, EOFError, OSError, ProtocolError):
-                return
+            if reader.buffered:
+                gevent.sleep(0)  # a burst: let everybody else run between its frames
 
 
 class _DoneWebSocket(WebSocket):
@@ -510,7 +478,7 @@ def _release_http_state(handler: Any, ws: Any, environ: dict[str, Any]) -> Any:
     handler.rfile = None
     wsgi_input = getattr(handler, "wsgi_input", None)
     if wsgi_input is not None:
-        wsgi_input.rfile = None
+        getattr(wsgi_input, "inner", wsgi_input).rfile = None
     ws.stream = ws.raw_read = ws.raw_write = None
     ws.__class__ = _DoneWebSocket
     environ.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -56,8 +57,16 @@ def signed_id(signed: str, channel: str = "$pubsub") -> str:
 class Server:
     """The real CLI (``python -m anycable_gevent``) on free loopback ports."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, broadcast_port: int | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        broadcast_port: int | None = None,
+        nofile: int | None = None,
+    ) -> None:
         self.port = free_port()
+        #: open-files limit of the server process (None = inherited)
+        self.nofile = nofile
         self.broadcast_port = broadcast_port or free_port()
         self.args = list(args)
         if not any(a.startswith("--http_broadcast_port") for a in self.args):
@@ -88,7 +97,15 @@ class Server:
 
     def start(self, timeout: float = 15.0) -> Server:
         cmd = [sys.executable, "-m", "anycable_gevent", "--host=127.0.0.1", f"--port={self.port}", *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        nofile = self.nofile
+
+        def limits() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, preexec_fn=limits
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

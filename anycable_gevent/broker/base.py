@@ -62,6 +62,11 @@ class Broker(ABC):
     def commit_session(self, sid: str, snapshot: bytes) -> None:
         """Store (or replace) a session snapshot; it expires ``sessions_ttl`` after its last touch."""
 
+    def commit_sessions(self, items: Iterable[tuple[str, bytes]]) -> None:
+        """Store several ``(sid, snapshot)`` at once (the node batches its commits)."""
+        for sid, snapshot in items:
+            self.commit_session(sid, snapshot)
+
     @abstractmethod
     def take_session(self, sid: str) -> bytes | None:
         """Remove and return a live snapshot: a sid restores at most once."""

@@ -367,9 +367,10 @@ def test_bad_frames_in_a_burst_do_not_stop_the_reader(server: Server) -> None:
         assert c.recv()["message"] == "fine"
 
 
-def test_invalid_utf8_text_frame_is_dropped(server: Server) -> None:
+def test_invalid_utf8_text_frame_fails_the_connection(server: Server) -> None:
+    # RFC 6455 §8.1: the official clients never send it; the server closes with 1007
     with RawWS(server.port, protocols=[EXT]) as ws:
         assert ws.recv()["type"] == "welcome"
         ws.send_frame(b'{"command":"\xff"}')
-        ws.send({"command": "ping"})
-        assert ws.recv() == {"type": "pong"}
+        code, _ = ws.closed()
+        assert code == 1007
