@@ -252,7 +252,7 @@ class HTTPPublisher(Publisher):
             connection that breaks while the server answers is, so delivery is at least once.
         backoff: delay before the first retry; it doubles each time (with ±20 % jitter),
             up to ``max_backoff``.
-        http: a ``urllib3.PoolManager`` to use instead of the publisher's own.
+        http: a ``urllib3.PoolManager`` to use (and not close) instead of the publisher's own.
         sleep: how to wait between attempts (``time.sleep``; gevent-patched if gevent is).
     """
 
@@ -280,6 +280,7 @@ class HTTPPublisher(Publisher):
         self.retries = max(retries, 0)
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self._own_http = http is None
         self.http = http if http is not None else urllib3.PoolManager(retries=False, timeout=self.timeout)
         self.sleep = sleep
 
@@ -326,7 +327,8 @@ class HTTPPublisher(Publisher):
         raise _REJECTIONS.get(resp.status, PublicationRejected)(resp.status, error, details)
 
     def close(self) -> None:
-        self.http.clear()
+        if self._own_http:
+            self.http.clear()
 
 
 def _error_fields(body: bytes) -> tuple[str, str]:

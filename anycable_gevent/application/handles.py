@@ -73,7 +73,6 @@ class ConnectionHandle:
         self.reject_reason = DisconnectReason.UNAUTHORIZED
         self.reject_reconnect = False
         self.closed = False
-        self._identified = False
 
     def identified_by(self, **identifiers: Any) -> None:
         """Accept the connection as these identifiers (JSON values; e.g. ``user_id=42``).
@@ -83,7 +82,6 @@ class ConnectionHandle:
         """
         self.identifiers = dict(identifiers)
         self.raw_identifiers = encode(self.identifiers) if identifiers else ""
-        self._identified = True
 
     def reject(self, reason: str = DisconnectReason.UNAUTHORIZED, *, reconnect: bool = False) -> None:
         """Refuse the connection: the client gets ``{"type":"disconnect","reason":…}`` and is closed."""

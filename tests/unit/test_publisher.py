@@ -243,11 +243,16 @@ def test_rejections_carry_the_servers_error(
     assert (len(pool.requests), delays) == (1, [])  # never retried
 
 
-def test_close_clears_the_pool() -> None:
+def test_close_leaves_an_injected_pool_alone_and_clears_its_own() -> None:
     pub, pool, _ = publisher()
     with pub:
         pass
-    assert pool.cleared
+    assert not pool.cleared
+    own = HTTPPublisher("http://x/_broadcast")
+    own.http.connection_from_url("http://x/")
+    assert len(own.http.pools) == 1
+    own.close()
+    assert len(own.http.pools) == 0
 
 
 def test_adapters_by_server_name() -> None:
