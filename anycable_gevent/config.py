@@ -14,8 +14,6 @@ Validation happens here, before anything binds a socket: a bad value raises
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
 import os
 import sys
 from collections.abc import Sequence
@@ -31,6 +29,7 @@ from anycable_gevent import broker as broker_backends
 from anycable_gevent import pubsub as pubsub_backends
 from anycable_gevent.errors import ConfigError
 from anycable_gevent.history import HistoryPolicy, HistorySettings
+from anycable_gevent.keys import derive_key as derive_key  # re-exported: tools and tests import it from here
 
 #: Option sections, in ``--help`` order.
 SECTIONS: dict[str, str] = {
@@ -363,11 +362,6 @@ def _fallback(value: str, default: str) -> str:
     if value == "none":
         return ""
     return value or default
-
-
-def derive_key(secret: str, phrase: str) -> str:
-    """anycable-go's derived keys: lowercase hex HMAC-SHA256(key=secret, msg=phrase)."""
-    return hmac.new(secret.encode(), phrase.encode(), hashlib.sha256).hexdigest()
 
 
 # ---------------------------------------------------------------------- parsing helpers

@@ -43,7 +43,7 @@ def node_binary(js_dir: Path = JS_DIR) -> str:
 
 
 class JSClient:
-    """One ``stream_client.mjs`` process subscribed to one stream.
+    """One ``stream_client.mjs`` process subscribed to one stream (other drivers: subclass, call ``_spawn``).
 
     ``wait_for(name)`` returns the next event of that name not returned before, so a test can
     walk through a sequence (the first ``subscribed``, then the one after a reconnect).
@@ -75,6 +75,10 @@ class JSClient:
             args.append(f"--reconnect-delay={reconnect_delay}")
         if linger is not None:
             args.append(f"--linger={linger}")
+        self._spawn(script, args, control)
+
+    def _spawn(self, script: Path, args: list[str], control: bool) -> None:
+        """Start ``node <script> <args>`` and the reader of its event lines (shared by driver subclasses)."""
         self.cmd = [node_binary(), str(script), *args]
         self.events: list[Event] = []
         self._seen: dict[str, int] = {}
@@ -221,3 +225,22 @@ class JSClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+CHAT_DRIVER = JS_DIR / "chat_client.mjs"
+
+
+class ChatJSClient(JSClient):
+    """One ``chat_client.mjs`` process: the official client subscribed to ``ChatChannel`` {room}.
+
+    ``send("speak", text=..., to_others=...)`` performs the action; events are as for
+    :class:`JSClient` (``connected``, ``subscribed``, ``message``, ``error``, ``close``).
+    """
+
+    def __init__(
+        self, url: str, room: str, cookie: str | None = None, timeout: float = 20, protocol: str = EXT
+    ) -> None:
+        args = [f"--url={url}", f"--room={room}", f"--timeout={timeout}", f"--protocol={protocol}"]
+        if cookie is not None:
+            args.append(f"--cookie={cookie}")
+        self._spawn(CHAT_DRIVER, args, control=True)

@@ -1,8 +1,10 @@
-"""RPC backends for the tests: the real serverless-js one (a Node subprocess) and a scriptable Python one.
+"""RPC backends for the tests: two real ones (subprocesses) and a scriptable one.
 
 ``JSBackend`` runs ``tests/js/rpc_server.mjs`` (an AnyCable RPC application built on
-``@anycable/serverless-js``) on a free loopback port and reads what it received and what its
-callbacks saw through its ``/_test/*`` endpoints.
+``@anycable/serverless-js``) and ``KitBackend`` runs ``tests/kit_backend.py`` (the same
+application built on this package's Python kit), each on a free loopback port; both let a
+test read what they received and what their callbacks saw through their ``/_test/*``
+endpoints.
 
 ``PyBackend`` is a stdlib HTTP server in a thread whose answers a test scripts, for what a
 well-behaved backend never does: HTTP 500, a body that is not JSON, a string status, a huge
@@ -18,12 +20,14 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from helpers import ROOT
@@ -45,11 +49,24 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
-# ---------------------------------------------------------------------- serverless-js backend
+# ---------------------------------------------------------------------- real backends in a subprocess
 
 
-class JSBackend:
-    """``node tests/js/rpc_server.mjs`` on a free port."""
+def compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class SubprocessBackend:
+    """A real RPC application in a child process, on a free port, with the ``/_test/*`` read-back API.
+
+    Subclasses say how to start it and how it writes state and rejections on the wire, so
+    that one suite can assert each backend's exact RPC payloads.
+    """
+
+    #: Name in test ids.
+    name = ""
+    #: The frame a rejected connection gets.
+    reject_frame: dict[str, Any] = {}
 
     def __init__(self, broadcast_url: str = "", broadcast_key: str = "", rpc_secret: str = "") -> None:
         self.args = ["--port", "0", "--mount", MOUNT]
@@ -62,13 +79,21 @@ class JSBackend:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
-    def start(self, timeout: float = 15.0) -> JSBackend:
-        self.proc = subprocess.Popen(
-            [node_binary(), str(JS_DIR / "rpc_server.mjs"), *self.args],
-            cwd=JS_DIR,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+    def command(self) -> tuple[list[str], Path]:
+        """The command line and its working directory."""
+        raise NotImplementedError
+
+    def wire_istate(self, identifier: str, state: dict[str, Any]) -> dict[str, str]:
+        """The ``env.istate`` a Command carries for a subscription whose channel state is ``state``."""
+        raise NotImplementedError
+
+    def wire_cstate(self, state: dict[str, Any]) -> dict[str, str]:
+        """The ``env.cstate`` the server holds for a connection state ``state``."""
+        raise NotImplementedError
+
+    def start(self, timeout: float = 15.0) -> SubprocessBackend:
+        cmd, cwd = self.command()
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         out = b""
@@ -134,11 +159,63 @@ class JSBackend:
                 self.proc.kill()
                 self.proc.wait()
 
-    def __enter__(self) -> JSBackend:
+    def __enter__(self) -> SubprocessBackend:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class JSBackend(SubprocessBackend):
+    """``node tests/js/rpc_server.mjs`` (@anycable/serverless-js 0.1.0).
+
+    On the wire serverless-js 0.1.0 keeps a channel's whole state JSON-encoded under the
+    identifier, stores connection state values as plain strings, and rejects without
+    ``reconnect``.
+    """
+
+    name = "js"
+    reject_frame = {"type": "disconnect", "reason": "unauthorized"}
+
+    def command(self) -> tuple[list[str], Path]:
+        return [node_binary(), str(JS_DIR / "rpc_server.mjs"), *self.args], JS_DIR
+
+    def wire_istate(self, identifier: str, state: dict[str, Any]) -> dict[str, str]:
+        return {identifier: compact(state)}
+
+    def wire_cstate(self, state: dict[str, Any]) -> dict[str, str]:
+        return dict(state)
+
+
+class KitBackend(SubprocessBackend):
+    """``python tests/kit_backend.py``: the same application on the Python kit (wsgiref, threads).
+
+    On the wire it follows AnyCable's conventions (SPEC §8.3): every state value is
+    JSON-encoded under its own key, and a rejection says ``reconnect: false``.
+    """
+
+    name = "python"
+    reject_frame = {"type": "disconnect", "reason": "unauthorized", "reconnect": False}
+
+    def __init__(
+        self, broadcast_url: str = "", broadcast_key: str = "", rpc_secret: str = "", streams_secret: str = ""
+    ) -> None:
+        super().__init__(broadcast_url, broadcast_key, rpc_secret)
+        if streams_secret:
+            self.args += ["--streams-secret", streams_secret]
+
+    def command(self) -> tuple[list[str], Path]:
+        return [sys.executable, str(ROOT / "tests" / "kit_backend.py"), *self.args], ROOT
+
+    def wire_istate(self, identifier: str, state: dict[str, Any]) -> dict[str, str]:
+        return {k: compact(v) for k, v in state.items()}
+
+    def wire_cstate(self, state: dict[str, Any]) -> dict[str, str]:
+        return {k: compact(v) for k, v in state.items()}
+
+
+#: The real backends by name (the parameters of the RPC suite).
+BACKENDS: dict[str, type[SubprocessBackend]] = {"js": JSBackend, "python": KitBackend}
 
 
 # ---------------------------------------------------------------------- scriptable Python backend

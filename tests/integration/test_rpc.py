@@ -1,4 +1,10 @@
-"""HTTP RPC against a real AnyCable RPC implementation (@anycable/serverless-js, tests/js/rpc_server.mjs).
+"""HTTP RPC against two real AnyCable RPC implementations running the same application.
+
+Every test runs once per backend: ``js`` is @anycable/serverless-js (tests/js/rpc_server.mjs),
+``python`` is this package's kit (tests/kit_backend.py, served by wsgiref in threads). Where
+the two legitimately write different bytes (how channel and connection state are encoded,
+whether a rejection says ``reconnect: false``), the backend object says what its bytes are
+(``wire_istate``, ``wire_cstate``, ``reject_frame``) and the test asserts exactly those.
 
 The server runs with ``--secret`` (so the backend checks the derived RPC secret and the
 application broadcasts with the derived broadcast key, as anycable-rails does) and
@@ -21,7 +27,7 @@ from typing import Any
 import pytest
 from helpers import BASE, EXT, Client, Server, close_of, free_port, jwt_token, pubsub_id
 from jsclient import JSClient
-from rpc_backend import JSBackend, wait_until
+from rpc_backend import BACKENDS, SubprocessBackend, wait_until
 
 SECRET = "rpc-test-secret-0123456789abcdef-xyz"
 
@@ -72,12 +78,12 @@ def frames_within(c: Client, wait: float) -> list[dict[str, Any]]:
 
 
 class Cable:
-    """A server wired to a serverless-js backend (both started, both stopped)."""
+    """A server wired to a real backend of kind ``kind`` (both started, both stopped)."""
 
-    def __init__(self, *args: str, backend: JSBackend | None = None) -> None:
+    def __init__(self, *args: str, kind: str = "js", backend: SubprocessBackend | None = None) -> None:
         self.server = Server(f"--secret={SECRET}", "--headers=cookie,x-api-token", *args)
         self.own_backend = backend is None
-        self.backend = backend or JSBackend(self.server.broadcast_url, BROADCAST_KEY, RPC_SECRET)
+        self.backend = backend or BACKENDS[kind](self.server.broadcast_url, BROADCAST_KEY, RPC_SECRET)
 
     def __enter__(self) -> Cable:
         if self.own_backend:
@@ -109,9 +115,15 @@ class Cable:
         assert status == 201, (status, body)
 
 
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
+def kind(request: pytest.FixtureRequest) -> str:
+    """The backend every test of this module runs against: "js" (serverless-js) or "python" (the kit)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def cable() -> Iterator[Cable]:
-    with Cable("--sessions_ttl=60") as c:
+def cable(kind: str) -> Iterator[Cable]:
+    with Cable("--sessions_ttl=60", kind=kind) as c:
         yield c
 
 
@@ -142,7 +154,7 @@ def test_connect_accepted(cable: Cable, how: str, query: str, headers: dict[str,
 
 def test_connect_rejected(cable: Cable) -> None:
     with cable.client("?token=wrong") as c:
-        assert close_of(c) == (1000, "Auth Failed", [{"type": "disconnect", "reason": "unauthorized"}])
+        assert close_of(c) == (1000, "Auth Failed", [cable.backend.reject_frame])
 
 
 def test_backend_down_closes_with_auth_error(make_server: type[Server]) -> None:
@@ -229,7 +241,7 @@ def test_channel_state_round_trip(cable: Cable) -> None:
         assert c.recv()["message"] == {"count": 5, "user": "ann"}
         last = cable.backend.calls("command", sid)[-1]["body"]
         # Command env.istate is the identifier's own flat state map
-        assert last["env"]["istate"] == {ident(room): json.dumps({"room": room, "count": 2}, separators=(",", ":"))}
+        assert last["env"]["istate"] == cable.backend.wire_istate(ident(room), {"room": room, "count": 2})
         assert last["connection_identifiers"] == '{"user":"ann"}'
         assert json.loads(last["data"]) == {"action": "tick", "by": 3}
 
@@ -246,7 +258,8 @@ def test_connection_state_round_trip(cable: Cable) -> None:
         assert me["identifiers"] == {"user": "cy"}
         assert me["cstate"] == {"via": "cookie", "city": "Paris"}
         assert me["state"] == {"room": room, "count": 0}
-        assert cable.backend.calls("command", sid)[-1]["body"]["env"]["cstate"] == {"via": "cookie", "city": "Paris"}
+        cstate = cable.backend.wire_cstate({"via": "cookie", "city": "Paris"})
+        assert cable.backend.calls("command", sid)[-1]["body"]["env"]["cstate"] == cstate
 
 
 def test_unsubscribe_runs_callback_and_stops_streams(cable: Cable) -> None:
@@ -365,9 +378,9 @@ def test_base_protocol_is_not_restored(cable: Cable) -> None:
 # ---------------------------------------------------------------------- disconnect
 
 
-def test_disconnect_called_once_per_authenticated_connection() -> None:
+def test_disconnect_called_once_per_authenticated_connection(kind: str) -> None:
     r1, r2 = unique(), unique()
-    with Cable() as own:
+    with Cable(kind=kind) as own:
         a = own.user("ann")
         sid = a.welcome["sid"]  # type: ignore[index]
         for room in (r1, r2):
@@ -385,9 +398,9 @@ def test_disconnect_called_once_per_authenticated_connection() -> None:
         assert body["identifiers"] == '{"user":"ann"}'
         assert sorted(body["subscriptions"]) == sorted([ident(r1), ident(r2)])
         assert body["env"]["url"] == f"http://127.0.0.1:{own.server.port}/cable?token=tok-ann"
-        assert body["env"]["cstate"] == {"via": "param"}
+        assert body["env"]["cstate"] == own.backend.wire_cstate({"via": "param"})
         # Disconnect env.istate: identifier -> JSON-encoded state map of that identifier
-        flat1 = {ident(r1): json.dumps({"room": r1, "count": 3}, separators=(",", ":"))}
+        flat1 = own.backend.wire_istate(ident(r1), {"room": r1, "count": 3})
         assert json.loads(body["env"]["istate"][ident(r1)]) == flat1
         states = {e["identifier"]: e["state"] for e in own.backend.events("unsubscribed", sid)}
         assert states == {ident(r1): {"room": r1, "count": 3}, ident(r2): {"room": r2, "count": 0}}
@@ -396,8 +409,8 @@ def test_disconnect_called_once_per_authenticated_connection() -> None:
         assert len(own.backend.calls("disconnect")) == 1
 
 
-def test_disconnect_mode_never() -> None:
-    with Cable("--disconnect_mode=never") as own:
+def test_disconnect_mode_never(kind: str) -> None:
+    with Cable("--disconnect_mode=never", kind=kind) as own:
         for name in ("ann", "bob"):
             own.user(name).close()
         assert own.server.stop() == 0
@@ -405,9 +418,9 @@ def test_disconnect_mode_never() -> None:
         assert own.backend.calls("disconnect") == []
 
 
-def test_sigterm_sends_every_disconnect_despite_rate_limit() -> None:
+def test_sigterm_sends_every_disconnect_despite_rate_limit(kind: str) -> None:
     """SPEC §11.6 #76: 3 clients, --disconnect_mode=always --disconnect_rate=1, SIGTERM."""
-    with Cable("--disconnect_mode=always", "--disconnect_rate=1") as own:
+    with Cable("--disconnect_mode=always", "--disconnect_rate=1", kind=kind) as own:
         clients = [own.user(name) for name in ("ann", "bob", "cy")]
         sids = sorted(c.welcome["sid"] for c in clients)  # type: ignore[index]
         proc = own.server.proc
@@ -423,10 +436,10 @@ def test_sigterm_sends_every_disconnect_despite_rate_limit() -> None:
         assert sorted(x["sid"] for x in own.backend.calls("disconnect")) == sids
 
 
-def test_disconnect_mode_auto_skips_connections_nobody_asked_about() -> None:
+def test_disconnect_mode_auto_skips_connections_nobody_asked_about(kind: str) -> None:
     """SPEC §8.5: JWT identification and $pubsub streams say "no interest"; one RPC subscribe is enough."""
     room = unique()
-    with Cable("--public_streams") as own:
+    with Cable("--public_streams", kind=kind) as own:
 
         def jwt_client(user: str) -> Client:
             token = jwt_token({"ext": json.dumps({"user": user}), "exp": int(time.time()) + 300}, SECRET)
@@ -447,10 +460,10 @@ def test_disconnect_mode_auto_skips_connections_nobody_asked_about() -> None:
 
 
 @pytest.mark.js
-def test_official_client_session_is_restored_without_rpc() -> None:
+def test_official_client_session_is_restored_without_rpc(kind: str) -> None:
     """The backend's welcome carries the sid; @anycable/core reconnects with ?sid= and is restored."""
     stream = unique("js")
-    with Cable("--public_streams") as own:
+    with Cable("--public_streams", kind=kind) as own:
         client = JSClient(own.server.url + "?token=tok-jsann", stream=stream, count=2, frames=True, reconnect_delay=100)
         try:
             client.wait_for("subscribed")
