@@ -514,3 +514,76 @@ def decode_publication(body: bytes | str) -> Publication:
             raise ProtocolError("payload.reconnect must be a boolean")
         return RemoteCommand("disconnect", identifier, reconnect)
     raise ProtocolError("publication needs a non-empty stream (or a command)")
+
+
+# ---------------------------------------------------------------------------- pub/sub codec
+#
+# What travels between processes and nodes (SPEC §7, anycable-go 1.6's shape):
+#   {"stream":"…","data":"…"[,"meta":{"exclude_socket":…,"transient":true,"broadcast_type":…}]
+#    [,"offset":N,"epoch":"…"]}
+#   {"command":"disconnect","payload":{"identifier":"…","reconnect":true}}
+# The Redis broker's Lua script appends ``,"offset":N,"epoch":"…"}`` to :func:`pubsub_head`
+# itself, so the offset and the publish come from one atomic step.
+
+
+def pubsub_head(msg: StreamMessage) -> str:
+    """The JSON of a message without its position and without the closing brace."""
+    head = '{"stream":' + dumps(msg.stream) + ',"data":' + dumps(msg.data)
+    meta: dict[str, Any] = {}
+    if msg.exclude_socket:
+        meta["exclude_socket"] = msg.exclude_socket
+    if msg.transient:
+        meta["transient"] = True
+    if msg.broadcast_type:
+        meta["broadcast_type"] = msg.broadcast_type
+    if meta:
+        head += ',"meta":' + dumps(meta)
+    return head
+
+
+def encode_pubsub(msg: StreamMessage) -> bytes:
+    """A message for pub/sub (with its position when it has one)."""
+    tail = f',"offset":{msg.offset},"epoch":{dumps(msg.epoch)}}}' if msg.offset else "}"
+    return (pubsub_head(msg) + tail).encode()
+
+
+def encode_pubsub_command(cmd: RemoteCommand) -> bytes:
+    return dumps(
+        {"command": cmd.command, "payload": {"identifier": cmd.identifier, "reconnect": cmd.reconnect}}
+    ).encode()
+
+
+def decode_pubsub(raw: bytes | str) -> StreamMessage | RemoteCommand:
+    """Decode what another process published (strictly: pub/sub is shared with nobody else).
+
+    Raises:
+        ProtocolError: not one of the two shapes above.
+    """
+    try:
+        obj = loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"pub/sub message is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("pub/sub message must be an object")
+    if "command" in obj:
+        payload = obj.get("payload")
+        if obj["command"] != "disconnect" or not isinstance(payload, dict):
+            raise ProtocolError("unknown pub/sub command")
+        identifier, reconnect = payload.get("identifier"), payload.get("reconnect", False)
+        if not isinstance(identifier, str) or not isinstance(reconnect, bool):
+            raise ProtocolError("invalid disconnect command")
+        return RemoteCommand("disconnect", identifier, reconnect)
+    msg = _stream_message(obj, "")
+    meta = obj.get("meta")
+    if isinstance(meta, dict):
+        kind = meta.get("broadcast_type", "")
+        if not isinstance(kind, str):
+            raise ProtocolError("meta.broadcast_type must be a string")
+        msg.broadcast_type = kind
+    offset, epoch = obj.get("offset", 0), obj.get("epoch", "")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or not isinstance(epoch, str):
+        raise ProtocolError("offset must be a non-negative integer and epoch a string")
+    if offset and not epoch:
+        raise ProtocolError("an offset needs its epoch")
+    msg.offset, msg.epoch = offset, epoch
+    return msg

@@ -438,3 +438,49 @@ def test_select_protocol(offered: str, chosen: str | None) -> None:
 def test_token_from_protocols() -> None:
     assert protocol.token_from_protocols("actioncable-v1-ext-json, anycable-token.abc.def") == "abc.def"
     assert protocol.token_from_protocols("actioncable-v1-ext-json") == ""
+
+
+# ---------------------------------------------------------------------- pub/sub codec
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        protocol.StreamMessage(stream="a", data='{"x":1}'),
+        protocol.StreamMessage(stream="chat/ü", data="plain", offset=7, epoch="Ab3_"),
+        protocol.StreamMessage(stream="s", data='"w"', exclude_socket="sid-1", transient=True),
+        protocol.StreamMessage(stream="p", data='{"type":"join"}', transient=True, broadcast_type="presence"),
+    ],
+)
+def test_pubsub_messages_round_trip(msg: protocol.StreamMessage) -> None:
+    decoded = protocol.decode_pubsub(protocol.encode_pubsub(msg))
+    assert decoded == msg
+
+
+def test_pubsub_head_plus_a_position_is_a_valid_message() -> None:
+    # what the Redis broker's script publishes: the head, then ',"offset":N,"epoch":"E"}'
+    msg = protocol.StreamMessage(stream="a", data="d")
+    decoded = protocol.decode_pubsub(protocol.pubsub_head(msg) + ',"offset":3,"epoch":"XyZ1"}')
+    assert (decoded.offset, decoded.epoch) == (3, "XyZ1")  # type: ignore[union-attr]
+
+
+def test_pubsub_commands_round_trip() -> None:
+    cmd = protocol.RemoteCommand("disconnect", '{"user_id":1}', True)
+    assert protocol.decode_pubsub(protocol.encode_pubsub_command(cmd)) == cmd
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"nope",
+        b"[]",
+        b'{"stream":"a"}',
+        b'{"stream":"a","data":"d","offset":-1,"epoch":"e"}',
+        b'{"stream":"a","data":"d","offset":3}',
+        b'{"command":"reload"}',
+        b'{"command":"disconnect","payload":1}',
+    ],
+)
+def test_malformed_pubsub_messages_raise_protocol_error(raw: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        protocol.decode_pubsub(raw)
