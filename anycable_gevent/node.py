@@ -269,7 +269,7 @@ class Node:
         if session in self.present:
             del self.present[session]
             # kept for presence_ttl from now, so that a quick reconnect causes no leave/join
-            self.broker.touch_presence((session.sid,))
+            self.broker.release_presence((session.sid,))
         if not session.authenticated:
             return
         if session.ext and self.resumable:
