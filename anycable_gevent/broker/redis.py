@@ -120,7 +120,9 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, redis.TimeoutError):
         return "timeout"
     cause: BaseException | None = exc
-    while cause is not None:
+    for _ in range(8):  # the chain of causes, bounded
+        if cause is None:
+            break
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror.lower()
         cause = cause.__cause__ or cause.__context__
@@ -256,7 +258,7 @@ class RedisBroker(Broker):
             build(pipe)
             return list(pipe.execute(raise_on_error=False))
 
-        results = self._call(run)
+        results: list[Any] = self._call(run)
         if any(isinstance(r, NoScriptError) for r in results):
             self._load_scripts()
             results = self._call(run)
@@ -382,7 +384,7 @@ class RedisBroker(Broker):
             return None, 0, [], settings
         epoch = _text(epoch_raw)
         cutoff = self.clock() - settings.ttl
-        msgs = []
+        msgs: list[StreamMessage] = []
         for entry_id, fields in entries:
             ts = int(fields[b"t"])
             if ts < cutoff and not msgs:
@@ -543,10 +545,7 @@ class RedisBroker(Broker):
         """
         now = self.clock()
         index = self.keys.presence_index
-        due = [
-            _text(s)
-            for s in self._call(lambda c: c.zrangebyscore(index, "-inf", now, start=0, num=SWEEP_STREAMS))
-        ]
+        due = [_text(s) for s in self._call(lambda c: c.zrangebyscore(index, "-inf", now, start=0, num=SWEEP_STREAMS))]
         if not due:
             return
 
