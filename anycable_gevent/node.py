@@ -151,7 +151,10 @@ class Node:
             gevent.sleep(0.05)
         self.disconnector.drain(deadline)
         self.pinger.shutdown()
-        self._commit_pending()
+        try:
+            self._commit_pending()
+        except BrokerError as exc:
+            log.warning("session snapshots not committed at shutdown error=%s", exc)
         for loop in (self._toucher, self._committer):
             if loop is not None:
                 loop.kill(block=False)
@@ -215,7 +218,11 @@ class Node:
         return False
 
     def _restore(self, session: Session, old_sid: str) -> bool:
-        raw = self.broker.take_session(old_sid)
+        try:
+            raw = self.broker.take_session(old_sid)
+        except BrokerError as exc:  # the store is unreachable: authenticate as if nothing was kept
+            log.warning("session not restored conn=%s error=%s", session.ref, exc)
+            return False
         if raw is None:
             return False
         try:
@@ -254,9 +261,19 @@ class Node:
                 self.hub.release(ss)
 
     def close(self, session: Session) -> None:
-        """The connection is over (called once, by its reader greenlet)."""
+        """The connection is over (called once, by its reader greenlet).
+
+        The session leaves :attr:`sessions` last: :meth:`shutdown` waits for that, so the
+        broker calls made here (which may yield, with a networked broker) are over before
+        the broker and its Redis connections are shut down.
+        """
+        try:
+            self._close(session)
+        finally:
+            self.sessions.pop(session, None)
+
+    def _close(self, session: Session) -> None:
         session.finish()
-        self.sessions.pop(session, None)
         self.pinger.remove(session)
         peers = self.by_identifiers.get(session.identifiers)
         if peers is not None:
@@ -269,14 +286,20 @@ class Node:
         if session in self.present:
             del self.present[session]
             # kept for presence_ttl from now, so that a quick reconnect causes no leave/join
-            self.broker.release_presence((session.sid,))
+            try:
+                self.broker.release_presence((session.sid,))
+            except BrokerError as exc:  # it expires by itself all the same
+                log.warning("presence not released sid=%s error=%s", session.sid, exc)
         if not session.authenticated:
             return
         if session.ext and self.resumable:
             if session.dirty or session in self._to_commit:
                 self.end_batch(session)  # its last state, with a fresh expiry
             else:
-                self.broker.touch_sessions((session.sid,))
+                try:
+                    self.broker.touch_sessions((session.sid,))
+                except BrokerError as exc:
+                    log.warning("session snapshot not touched sid=%s error=%s", session.sid, exc)
         mode = self.cfg.disconnect_mode
         if mode == "always" or (mode == "auto" and session.interest):
             istates = {ident: dict(sub.istate) for ident, sub in session.subscriptions.items()}
@@ -307,6 +330,8 @@ class Node:
             self._commit_wakeup.clear()
             try:
                 self._commit_pending()
+            except BrokerError as exc:
+                log.warning("session snapshots not committed error=%s", exc)
             except Exception:
                 log.exception("committing session snapshots failed")
 

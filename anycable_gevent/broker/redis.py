@@ -189,8 +189,9 @@ class RedisBroker(Broker):
             self._ticker = every(1.0, self.tick, "redis broker tick")
 
     def shutdown(self) -> None:
+        """Stop the ticker and wait for it: the connector closes the pool right after."""
         if self._ticker is not None:
-            self._ticker.kill(block=False)
+            self._ticker.kill(block=True, timeout=2)
             self._ticker = None
 
     def announce(self) -> str:

@@ -1,0 +1,142 @@
+"""The Redis broker end to end: the real CLI with ``--broker=redis --pubsub=none``, WebSocket clients.
+
+What a Redis broker is for: offsets, epochs, history and session snapshots live in Redis, so
+they survive a restart of the server. And while Redis is unreachable the server says so:
+``/_broadcast`` answers 503 (the publisher knows to retry) and ``/health`` 503 naming Redis,
+until Redis answers again, without a restart.
+
+Each test uses a key prefix of its own on the shared Redis (deleted afterwards); the test
+that stops Redis runs a private ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import REDIS_URL, Client, RedisServer, Server, connected, delete_keys, pubsub_id
+
+from anycable_gevent.broker.redis import EPOCH_LENGTH
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    p = f"test:{uuid.uuid4().hex}:"
+    yield p
+    delete_keys(REDIS_URL, p)
+
+
+def redis_server(prefix: str, url: str = REDIS_URL) -> Server:
+    return Server(
+        "--broker=redis",
+        "--pubsub=none",
+        f"--redis_url={url}",
+        f"--redis_prefix={prefix}",
+        "--public_streams",
+        "--noauth",
+        "--sessions_ttl=30",
+        "--history_ttl=60",
+    )
+
+
+def history(client: Client, ident: str, streams: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send a history command; every frame up to and including confirm/reject."""
+    client.send({"command": "history", "identifier": ident, "history": {"streams": streams}})
+    frames = []
+    while True:
+        frame = client.recv()
+        frames.append(frame)
+        if frame.get("type") in ("confirm_history", "reject_history"):
+            return frames
+
+
+def test_deliveries_carry_offsets_and_the_streams_epoch(prefix: str) -> None:
+    with redis_server(prefix) as srv, connected(srv) as c:
+        ident = pubsub_id("rb-live")
+        c.subscribe(ident)
+        srv.publish("rb-live", {"n": 1})
+        srv.publish("rb-live", {"n": 2})
+        got = [c.recv(), c.recv()]
+        assert [(m["message"], m["offset"], m["stream_id"]) for m in got] == [
+            ({"n": 1}, 1, "rb-live"),
+            ({"n": 2}, 2, "rb-live"),
+        ]
+        assert got[0]["epoch"] == got[1]["epoch"] and len(got[0]["epoch"]) == EPOCH_LENGTH
+
+
+def test_history_and_epoch_survive_a_server_restart(prefix: str) -> None:
+    stream, ident = "rb-restart", pubsub_id("rb-restart")
+    with redis_server(prefix) as srv, connected(srv) as c:
+        c.subscribe(ident)
+        for n in (1, 2, 3):
+            srv.publish(stream, {"n": n})
+        first = [c.recv() for _ in range(3)]
+    epoch = first[0]["epoch"]
+    with redis_server(prefix) as srv, connected(srv) as c:  # a new process: nothing in memory
+        c.subscribe(ident)
+        srv.publish(stream, {"n": 4})
+        live = c.recv()
+        assert (live["offset"], live["epoch"]) == (4, epoch)  # the counter and epoch went on
+        frames = history(c, ident, {stream: {"epoch": epoch, "offset": 1}})
+        assert [(f.get("message"), f.get("offset")) for f in frames[:-1]] == [({"n": 2}, 2), ({"n": 3}, 3)]
+        assert frames[-1]["type"] == "confirm_history"  # 4 was delivered live: not sent twice
+
+
+def test_a_session_restores_after_a_server_restart(prefix: str) -> None:
+    stream, ident = "rb-session", pubsub_id("rb-session")
+    with redis_server(prefix) as srv:
+        with connected(srv) as c:
+            c.subscribe(ident)
+            srv.publish(stream, {"n": 1})
+            last = c.recv()
+            assert c.welcome is not None
+            sid = c.welcome["sid"]
+        time.sleep(0.2)  # the server sees the close and keeps the snapshot
+    with redis_server(prefix) as srv:
+        srv.publish(stream, {"n": 2})  # missed while away
+        with Client(f"{srv.url}?sid={sid}") as c:
+            welcome = c.expect_welcome()
+            assert (welcome["restored"], welcome["restored_ids"]) == (True, [ident])
+            frames = history(c, ident, {stream: {"epoch": last["epoch"], "offset": last["offset"]}})
+            assert [(f.get("message"), f.get("offset")) for f in frames] == [({"n": 2}, 2), (None, None)]
+            assert frames[-1]["type"] == "confirm_history"
+        with Client(f"{srv.url}?sid={sid}") as again:  # an old sid restores once
+            assert again.expect_welcome().get("restored") is not True
+
+
+def wait_health(srv: Server, status: int, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, body = srv.get("/health")
+        if code == status or time.monotonic() > deadline:
+            assert code == status, body
+            return body
+        time.sleep(0.1)
+
+
+def test_redis_down_gives_503_and_unhealthy_then_recovers(prefix: str) -> None:
+    stream, ident = "rb-down", pubsub_id("rb-down")
+    with RedisServer() as rds, redis_server(prefix, rds.url) as srv, connected(srv) as c:
+        c.subscribe(ident)
+        srv.publish(stream, {"n": 1})
+        before = c.recv()
+        rds.stop()
+        status, body = srv.broadcast({"stream": stream, "data": '{"n":2}'})
+        assert status == 503, body
+        health = wait_health(srv, 503)
+        assert f"redis broker ({rds.url})" in health and "connection refused" in health
+        assert c.welcome is not None
+        with Client(f"{srv.url}?sid={c.welcome['sid']}") as other:  # no snapshot to take: authenticated anew
+            welcome = other.expect_welcome()
+            assert welcome.get("restored") is not True and welcome["sid"]
+        rds.start()  # without persistence: every stream starts a new epoch
+        wait_health(srv, 200)
+        srv.publish(stream, {"n": 3})
+        live = c.recv()  # live delivery goes on, under the stream's new epoch
+        assert (live["message"], live["offset"]) == ({"n": 3}, 1)
+        assert live["epoch"] != before["epoch"]
+        frames = history(c, ident, {stream: {"epoch": before["epoch"], "offset": 1}})
+        assert [f["type"] for f in frames] == ["reject_history"]
