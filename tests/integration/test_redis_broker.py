@@ -11,13 +11,16 @@ that stops Redis runs a private ``redis-server``.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import REDIS_URL, Client, RedisServer, Server, connected, delete_keys, pubsub_id
+import redis
+from helpers import REDIS_URL, ROOT, Client, RedisServer, Server, connected, delete_keys, pubsub_id
 
 from anycable_gevent.broker.redis import EPOCH_LENGTH
 
@@ -140,3 +143,17 @@ def test_redis_down_gives_503_and_unhealthy_then_recovers(prefix: str) -> None:
         assert live["epoch"] != before["epoch"]
         frames = history(c, ident, {stream: {"epoch": before["epoch"], "offset": 1}})
         assert [f["type"] for f in frames] == ["reject_history"]
+
+
+def test_the_memory_bench_reports_its_figures_and_leaves_no_keys() -> None:
+    script = ROOT / "scripts" / "bench" / "redis_memory.py"
+    args = ["--streams=4", "--messages=10", "--sessions=20", "--publishes=10", f"--redis-url={REDIS_URL}"]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "4 streams x 10 stored messages of 200 B" in out
+    for figure in ("B per stored message", "= payload + ", "B per session", "us one at a time", "in batches of 100"):
+        assert figure in out, out
+    prefix = out.split("prefix ", 1)[1].split()[0]
+    assert prefix.startswith("bench:")
+    assert list(redis.Redis.from_url(REDIS_URL).scan_iter(match=prefix + "*")) == []
