@@ -84,6 +84,7 @@ PRESENCE_KEY_TTLS = 4
 PRESENCE_KEY_MIN_TTL = 60
 #: At most this many due presence streams per sweep, and expired sessions per stream and call.
 SWEEP_STREAMS = 256
+SWEEP_ROUNDS = 8
 SWEEP_SESSIONS = 1000
 #: Largest pipeline sent at once (touches of many sessions are split).
 CHUNK = 1000
@@ -542,13 +543,20 @@ class RedisBroker(Broker):
         Reads the index of due streams, runs one atomic script per stream (so a session's
         expiry is seen by one sweeping node only), then moves each stream's index entry to
         its next deadline, or removes it when nobody is left (checking again afterwards,
-        since a join may have raced the removal).
+        since a join may have raced the removal). At most ``SWEEP_ROUNDS × SWEEP_STREAMS``
+        streams per call; the rest wait for the next one.
         """
         now = self.clock()
+        for _ in range(SWEEP_ROUNDS):
+            if self._sweep_once(now) < SWEEP_STREAMS:
+                break
+
+    def _sweep_once(self, now: float) -> int:
+        """One round of :meth:`sweep`; returns how many streams were due."""
         index = self.keys.presence_index
         due = [_text(s) for s in self._call(lambda c: c.zrangebyscore(index, "-inf", now, start=0, num=SWEEP_STREAMS))]
         if not due:
-            return
+            return 0
 
         def expire(pipe: Any) -> None:
             for stream in due:
@@ -581,3 +589,4 @@ class RedisBroker(Broker):
         if handler is not None:
             for stream, event in left:
                 handler(stream, event)
+        return len(due)

@@ -25,6 +25,7 @@ import redis
 from helpers import REDIS_URL, Clock, RedisServer, delete_keys, free_port
 
 from anycable_gevent import broker as broker_backends
+from anycable_gevent.broker import redis as redis_broker
 from anycable_gevent.backends import load as load_backend
 from anycable_gevent.broker.base import Broker
 from anycable_gevent.broker.memory import MemoryBroker
@@ -521,6 +522,17 @@ def test_presence_expiry_events_are_delivered_once_when_nodes_sweep_together(clu
     nodes[0].sweep()  # type: ignore[attr-defined]
     assert len(cluster.left) == 3 * len(streams)
     assert redis.Redis.from_url(cluster.url).zcard(cluster.prefix + "presence") == 0  # index emptied
+
+
+def test_one_sweep_expires_more_streams_than_one_round_takes(cluster: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_broker, "SWEEP_STREAMS", 3)
+    b = cluster.make(presence_ttl=5)
+    streams = [f"room{i}" for i in range(10)]
+    for i, stream in enumerate(streams):
+        b.presence_join(stream, f"s{i}", "u", None)
+    b.release_presence([f"s{i}" for i in range(len(streams))])
+    cluster.wait(6)  # one sweep: 4 rounds of at most 3 streams
+    assert sorted(stream for _, stream, _ in cluster.left) == sorted(streams)
 
 
 def test_presence_touched_by_its_node_does_not_expire_while_another_sweeps(cluster: Harness) -> None:
