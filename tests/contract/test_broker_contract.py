@@ -25,8 +25,8 @@ import redis
 from helpers import REDIS_URL, Clock, RedisServer, delete_keys, free_port
 
 from anycable_gevent import broker as broker_backends
-from anycable_gevent.broker import redis as redis_broker
 from anycable_gevent.backends import load as load_backend
+from anycable_gevent.broker import redis as redis_broker
 from anycable_gevent.broker.base import Broker
 from anycable_gevent.broker.memory import MemoryBroker
 from anycable_gevent.broker.redis import EPOCH_LENGTH, RedisBroker
