@@ -77,7 +77,7 @@ class Server:
                     self.broadcast_port = int(a.split("=", 1)[1])
         self.env = dict(os.environ)
         for k in list(self.env):
-            if k.startswith("ANYCABLE_"):
+            if k.startswith("ANYCABLE_") or k in ("REDIS_URL", "PORT"):
                 del self.env[k]
         self.env.update(env or {})
         self.log = tempfile.NamedTemporaryFile(prefix="anycable-gevent-", suffix=".log", delete=False)
@@ -95,7 +95,8 @@ class Server:
     def broadcast_url(self) -> str:
         return f"http://127.0.0.1:{self.broadcast_port}/_broadcast"
 
-    def start(self, timeout: float = 15.0) -> Server:
+    def start(self, timeout: float = 15.0, healthy: bool = True) -> Server:
+        """Start and wait until ``/health`` answers 200 (with ``healthy=False``: answers at all)."""
         cmd = [sys.executable, "-m", "anycable_gevent", "--host=127.0.0.1", f"--port={self.port}", *self.args]
         nofile = self.nofile
 
@@ -113,9 +114,17 @@ class Server:
             try:
                 with urllib.request.urlopen(f"{self.http}/health", timeout=0.5):
                     return self
+            except urllib.error.HTTPError:
+                if not healthy:
+                    return self
+                time.sleep(0.05)
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"server did not start:\n{self.output()}")
+
+    def start_unhealthy(self, timeout: float = 15.0) -> Server:
+        """Start a server expected to report a problem on ``/health`` (503)."""
+        return self.start(timeout, healthy=False)
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
