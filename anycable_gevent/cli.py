@@ -32,6 +32,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"anycable-gevent: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
 
+    if cfg.workers > 1:
+        from anycable_gevent import arbiter
+
+        sys.exit(arbiter.run(cfg, sockets, ports, lambda: config.load(argv)))
+
     from anycable_gevent import worker
 
     sys.exit(worker.main(cfg, sockets, ports))

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import configargparse
 
@@ -215,7 +215,7 @@ class Config:
         "",
         "pubsub",
         "Pub/sub between workers and nodes: " + " or ".join(PUBSUB_ADAPTERS) + " (default: redis with "
-        "--broker=redis or the redisx adapter, else none)",
+        "--broker=redis, the redisx adapter or --workers > 1, else none)",
         choices=["", *PUBSUB_ADAPTERS],
     )
     redis_url: str = _opt(
@@ -248,8 +248,17 @@ class Config:
     disconnect_backlog_size: int = _opt(4096, "rpc", "Queued Disconnect calls before new ones are dropped")
 
     # -- process
-    workers: int = _opt(1, "process", "Worker processes (more than 1 needs a shared broker and pub/sub)")
+    workers: int = _opt(1, "process", "Worker processes (more than 1 needs --broker=redis, or none, and Redis pub/sub)")
+    worker_timeout: float = _opt(
+        30.0, "process", "Seconds a worker's event loop may be blocked before the master kills and replaces it"
+    )
     shutdown_timeout: float = _opt(30.0, "process", "Seconds a graceful shutdown may take")
+    restorable_shutdown: bool = _opt(
+        False,
+        "process",
+        "On SIGTERM close connections with a close frame only, so that clients restore their sessions "
+        "elsewhere (default: a server_restart message, after which the JS client starts a new session)",
+    )
     shutdown_delay: float = _opt(0.0, "process", "Seconds to wait before starting a graceful shutdown")
 
     # -- logging
@@ -334,7 +343,7 @@ class Config:
         """The pub/sub in use: ``--pubsub``, or chosen from the broker and broadcasters."""
         if self.pubsub:
             return self.pubsub
-        if self.broker == "redis" or "redisx" in self.broadcast_adapter:
+        if self.broker == "redis" or "redisx" in self.broadcast_adapter or self.workers > 1:
             return "redis"
         return "none"
 
@@ -355,6 +364,15 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+def safe_url(url: str) -> str:
+    """The URL without user and password (for logs, the banner and errors)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def _none(value: str) -> str:
@@ -624,7 +642,7 @@ def _validate_backends(cfg: Config) -> None:
         _ = cfg.history_policy
     except ValueError as exc:
         raise ConfigError(f"--history_overrides: {exc}") from None
-    if cfg.pubsub_adapter == "redis" and cfg.broker == "memory":
+    if cfg.pubsub_adapter == "redis" and cfg.broker == "memory" and cfg.workers == 1:
         raise ConfigError(
             "--broker=memory keeps offsets and history in this process only; "
             "with --pubsub=redis (several processes or nodes) use --broker=redis"
@@ -641,8 +659,12 @@ def _validate_backends(cfg: Config) -> None:
     url = urlsplit(cfg.redis_url)
     _check(
         url.scheme in ("redis", "rediss", "unix"),
-        f"--redis_url: unsupported scheme in {cfg.redis_url!r} (use redis://, rediss:// or unix://)",
+        f"--redis_url: unsupported scheme in {safe_url(cfg.redis_url)!r} (use redis://, rediss:// or unix://)",
     )
+    try:
+        _ = url.port
+    except ValueError:
+        raise ConfigError(f"--redis_url: invalid port in {url.scheme}://{url.hostname or ''}") from None
 
     if cfg.rpc_host:
         scheme = urlsplit(cfg.rpc_host).scheme
@@ -665,12 +687,14 @@ def _validate_backends(cfg: Config) -> None:
     if cfg.workers > 1:
         _check(
             cfg.broker != "memory",
-            "--workers > 1 cannot use --broker=memory (each worker would have its own epoch and offsets)",
+            "--workers > 1 cannot use --broker=memory (each worker would have its own epoch, offsets and "
+            "sessions): use --broker=redis",
         )
-        raise ConfigError(
-            "--workers > 1 needs a shared broker and pub/sub (--broker=redis --pubsub=redis), "
-            "which are not available in this version; run one worker per node"
+        _check(
+            cfg.pubsub_adapter == "redis",
+            "--workers > 1 needs --pubsub=redis (workers hand each other's broadcasts through Redis)",
         )
+    _check(cfg.worker_timeout > 0, f"--worker_timeout: must be > 0 seconds, got {cfg.worker_timeout:g}")
     _check(cfg.shutdown_timeout > 0, f"--shutdown_timeout: must be > 0, got {cfg.shutdown_timeout:g}")
     _check(cfg.shutdown_delay >= 0, f"--shutdown_delay: must be >= 0, got {cfg.shutdown_delay:g}")
 

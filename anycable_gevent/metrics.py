@@ -23,10 +23,10 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gevent
-
-from anycable_gevent.ticker import every
+if TYPE_CHECKING:
+    import gevent
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,8 @@ class Metrics:
 
     def start(self, refresh_interval: float, log_interval: float = 0, log_filter: Iterable[str] = ()) -> None:
         """Spawn the refresh loop and, when ``log_interval`` > 0, the log line loop."""
+        from anycable_gevent.ticker import every  # gevent, in the serving process only
+
         self.refresh()
         self._loops.append(every(refresh_interval, self.refresh, "metrics refresh"))
         if log_interval > 0:

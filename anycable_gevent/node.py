@@ -139,14 +139,17 @@ class Node:
     def _touch_presence(self) -> None:
         self.broker.touch_presence([s.sid for s in self.present])
 
-    def shutdown(self, deadline: float) -> None:
-        """Disconnect every client (server_restart), flush Disconnect calls and snapshots."""
+    def shutdown(self, deadline: float, restorable: bool = False) -> None:
+        """Close every client, flush Disconnect calls and snapshots.
+
+        Clients get ``server_restart`` and 1001, or with ``restorable`` only the 1001
+        close frame: the official JS client forgets its session after a ``disconnect``
+        message, so only then does it restore its session (without any RPC call) where
+        it reconnects.
+        """
+        notice = None if restorable else protocol.disconnect(protocol.SERVER_RESTART, True)
         for session in tuple(self.sessions):
-            session.close(
-                protocol.CLOSE_GOING_AWAY,
-                "Server restart",
-                protocol.disconnect(protocol.SERVER_RESTART, True),
-            )
+            session.close(protocol.CLOSE_GOING_AWAY, "Server restart", notice)
         while self.sessions and time.monotonic() < deadline:
             gevent.sleep(0.05)
         self.disconnector.drain(deadline)
