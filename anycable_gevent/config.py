@@ -131,6 +131,12 @@ class Config:
         "ws",
         "Channel subscriptions one connection may hold; more get reject_subscription (0 = unlimited)",
     )
+    max_subscription_streams: int = _opt(
+        1024, "ws", "Streams one subscription may follow; more are not started and are logged (0 = unlimited)"
+    )
+    max_history_messages: int = _opt(
+        10000, "ws", "Most messages in one history reply; a larger one gets reject_history (0 = unlimited)"
+    )
     ws_write_timeout: float = _opt(2.0, "ws", "Seconds a write to a client may block before it is dropped")
     ws_max_pending_size: int = _opt(
         1048576,
@@ -608,6 +614,8 @@ def _validate_runtime(cfg: Config) -> None:
     _check(cfg.ws_max_fragments >= 0, f"--ws_max_fragments: must be >= 0, got {cfg.ws_max_fragments}")
     _check(cfg.ws_frame_timeout >= 0, f"--ws_frame_timeout: must be >= 0, got {cfg.ws_frame_timeout:g}")
     _check(cfg.max_subscriptions >= 0, f"--max_subscriptions: must be >= 0, got {cfg.max_subscriptions}")
+    for name in ("max_subscription_streams", "max_history_messages"):
+        _check(getattr(cfg, name) >= 0, f"--{name}: must be >= 0, got {getattr(cfg, name)}")
     _check(cfg.ws_write_timeout > 0, f"--ws_write_timeout: must be > 0 seconds, got {cfg.ws_write_timeout:g}")
     _check(cfg.ws_max_pending_size >= 0, f"--ws_max_pending_size: must be >= 0, got {cfg.ws_max_pending_size}")
     _check(not cfg.enable_ws_compression, "--enable_ws_compression: per-message deflate is not supported")
