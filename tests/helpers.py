@@ -65,8 +65,10 @@ class Server:
         nofile: int | None = None,
     ) -> None:
         self.port = free_port()
-        #: open-files limit of the server process (None = inherited)
+        #: open-files limit of the server process (None = inherited); start_limits sets
+        #: soft and hard apart
         self.nofile = nofile
+        self.start_limits: tuple[int, int] | None = (nofile, nofile) if nofile is not None else None
         self.broadcast_port = broadcast_port or free_port()
         self.args = list(args)
         if not any(a.startswith("--http_broadcast_port") for a in self.args):
@@ -77,7 +79,7 @@ class Server:
                     self.broadcast_port = int(a.split("=", 1)[1])
         self.env = dict(os.environ)
         for k in list(self.env):
-            if k.startswith("ANYCABLE_"):
+            if k.startswith("ANYCABLE_") or k in ("REDIS_URL", "PORT"):
                 del self.env[k]
         self.env.update(env or {})
         self.log = tempfile.NamedTemporaryFile(prefix="anycable-gevent-", suffix=".log", delete=False)
@@ -95,13 +97,14 @@ class Server:
     def broadcast_url(self) -> str:
         return f"http://127.0.0.1:{self.broadcast_port}/_broadcast"
 
-    def start(self, timeout: float = 15.0) -> Server:
+    def start(self, timeout: float = 15.0, healthy: bool = True) -> Server:
+        """Start and wait until ``/health`` answers 200 (with ``healthy=False``: answers at all)."""
         cmd = [sys.executable, "-m", "anycable_gevent", "--host=127.0.0.1", f"--port={self.port}", *self.args]
-        nofile = self.nofile
+        start_limits = self.start_limits
 
         def limits() -> None:
-            if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            if start_limits is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, start_limits)
 
         self.proc = subprocess.Popen(
             cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, preexec_fn=limits
@@ -113,9 +116,17 @@ class Server:
             try:
                 with urllib.request.urlopen(f"{self.http}/health", timeout=0.5):
                     return self
+            except urllib.error.HTTPError:
+                if not healthy:
+                    return self
+                time.sleep(0.05)
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"server did not start:\n{self.output()}")
+
+    def start_unhealthy(self, timeout: float = 15.0) -> Server:
+        """Start a server expected to report a problem on ``/health`` (503)."""
+        return self.start(timeout, healthy=False)
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
