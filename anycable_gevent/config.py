@@ -637,13 +637,6 @@ def _validate_backends(cfg: Config) -> None:
             raise ConfigError(
                 f"--broadcast_adapter: unknown adapter {a!r} (choose from {', '.join(BROADCAST_ADAPTERS)})"
             )
-    if cfg.pubsub_adapter not in PUBSUB_ADAPTERS:
-        # only reachable through the default choice: --pubsub itself is checked against its choices
-        origin = f"--broker={cfg.broker}" if cfg.broker == "redis" else "--broadcast_adapter=redisx"
-        raise ConfigError(
-            f"{origin} selects --pubsub={cfg.pubsub_adapter}, which is not available in this "
-            f"version (available: {', '.join(PUBSUB_ADAPTERS)}); on a single node use --pubsub=none"
-        )
     _check(
         cfg.http_broadcast_max_body > 0, f"--http_broadcast_max_body: must be > 0, got {cfg.http_broadcast_max_body}"
     )

@@ -8,7 +8,7 @@ memory, presence deadlines) moves without sleeping, while what Redis expires its
 (history keys, session keys) is waited for in real time with TTLs of one second.
 
 Tests that need two nodes (two Redis brokers on one Redis) or a Redis that fails or
-restarts (a private ``redis-server`` without persistence) run against ``redis`` only:
+restarts (a private ``redis-server`` without persistence, ``tests/redis_helpers.py``) run against ``redis`` only:
 the memory broker is one process by design.
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import REDIS_URL, Clock, RedisServer, delete_keys, free_port
+from helpers import Clock, free_port
+from redis_helpers import REDIS_URL, PrivateRedis, delete_prefix
 
 from anycable_gevent import broker as broker_backends
 from anycable_gevent.backends import load as load_backend
@@ -122,7 +123,7 @@ class Harness:
             b.shutdown()
         for c in self.connectors:
             c.shutdown()
-        delete_keys(self.url, self.prefix)
+        delete_prefix(self.url, self.prefix)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -582,7 +583,7 @@ def test_unreachable_redis_raises_broker_error_naming_the_target() -> None:
 
 
 def test_redis_restart_without_persistence_gives_a_new_epoch_and_health_recovers() -> None:
-    with RedisServer() as server:
+    with PrivateRedis() as server:
         h = Harness("redis", url=server.url)
         b = h.make()
         assert isinstance(b, RedisBroker)
@@ -611,7 +612,7 @@ def test_redis_restart_without_persistence_gives_a_new_epoch_and_health_recovers
 
 
 def test_a_batch_after_redis_lost_its_scripts_is_delivered_once_in_order() -> None:
-    with RedisServer() as server:
+    with PrivateRedis() as server:
         h = Harness("redis", url=server.url)
         b = h.make(multi_node=True)
         assert isinstance(b, RedisBroker)

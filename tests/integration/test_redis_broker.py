@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import REDIS_URL, ROOT, Client, RedisServer, Server, connected, delete_keys, pubsub_id
+from helpers import ROOT, Client, Server, connected, pubsub_id
+from redis_helpers import REDIS_URL, PrivateRedis, delete_prefix
 
 from anycable_gevent.broker.redis import EPOCH_LENGTH
 
@@ -29,7 +30,7 @@ from anycable_gevent.broker.redis import EPOCH_LENGTH
 def prefix() -> Iterator[str]:
     p = f"test:{uuid.uuid4().hex}:"
     yield p
-    delete_keys(REDIS_URL, p)
+    delete_prefix(REDIS_URL, p)
 
 
 def redis_server(prefix: str, url: str = REDIS_URL) -> Server:
@@ -122,7 +123,7 @@ def wait_health(srv: Server, status: int, timeout: float = 10.0) -> str:
 
 def test_redis_down_gives_503_and_unhealthy_then_recovers(prefix: str) -> None:
     stream, ident = "rb-down", pubsub_id("rb-down")
-    with RedisServer() as rds, redis_server(prefix, rds.url) as srv, connected(srv) as c:
+    with PrivateRedis() as rds, redis_server(prefix, rds.url) as srv, connected(srv) as c:
         c.subscribe(ident)
         srv.publish(stream, {"n": 1})
         before = c.recv()
@@ -157,3 +158,50 @@ def test_the_memory_bench_reports_its_figures_and_leaves_no_keys() -> None:
     prefix = out.split("prefix ", 1)[1].split()[0]
     assert prefix.startswith("bench:")
     assert list(redis.Redis.from_url(REDIS_URL).scan_iter(match=prefix + "*")) == []
+
+
+def test_two_nodes_share_offsets_history_sessions_and_presence(prefix: str) -> None:
+    """``--broker=redis`` with the pub/sub it selects (``redis``): two server processes are one cluster."""
+    stream, ident = "rb-nodes", pubsub_id("rb-nodes")
+    args = ["--broker=redis", f"--redis_url={REDIS_URL}", f"--redis_prefix={prefix}", "--public_streams", "--noauth"]
+    with Server(*args) as a, Server(*args) as b, connected(a) as ca, connected(b) as cb:
+        ca.subscribe(ident)
+        cb.subscribe(ident)
+        # a node confirms a subscription before its Redis SUBSCRIBE is active: wait for both
+        channel = f"{prefix}{{{stream}}}:c"
+        client = redis.Redis.from_url(REDIS_URL)
+        deadline = time.monotonic() + 10
+        while client.pubsub_numsub(channel)[0][1] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.close()
+        time.sleep(0.2)  # and for each node's gap repair to read the stream's starting position
+        a.publish(stream, {"n": 1})
+        b.publish(stream, {"n": 2})
+        for c in (ca, cb):  # one counter and one epoch, whichever node took the publication
+            got = [c.recv(), c.recv()]
+            assert [(m["message"], m["offset"]) for m in got] == [({"n": 1}, 1), ({"n": 2}, 2)]
+            assert got[0]["epoch"] == got[1]["epoch"]
+        epoch = got[0]["epoch"]
+        frames = history(cb, ident, {stream: {"epoch": epoch, "offset": 0}})
+        assert [f.get("offset") for f in frames] == [None]  # both were delivered live: confirm only
+        assert frames[0]["type"] == "confirm_history"
+
+        ca.send({"command": "join", "identifier": ident, "presence": {"id": "u1", "info": {"name": "Ann"}}})
+        joined = cb.recv()  # the event reaches the other node's subscriber through Redis
+        assert joined["type"] == "presence" and joined["message"] == {
+            "type": "join",
+            "id": "u1",
+            "info": {"name": "Ann"},
+        }
+        assert ca.recv()["message"]["type"] == "join"
+        cb.send({"command": "presence", "identifier": ident})
+        info = cb.recv()
+        assert info["message"] == {"type": "info", "total": 1, "records": [{"id": "u1", "info": {"name": "Ann"}}]}
+
+        assert ca.welcome is not None
+        sid = ca.welcome["sid"]
+        ca.close()
+        time.sleep(0.2)
+        with Client(f"{b.url}?sid={sid}") as moved:  # restored on the other node
+            welcome = moved.expect_welcome()
+            assert (welcome["restored"], welcome["restored_ids"]) == (True, [ident])

@@ -123,6 +123,13 @@ def test_port_alias_beats_config_file(conf_file) -> None:
     assert load(["--config", path], {"PORT": "9004"}).port == 9004
 
 
+def test_redis_broker_selects_the_redis_pubsub_unless_told_otherwise() -> None:
+    assert load(["--broker=redis"], {}).pubsub_adapter == "redis"
+    assert load(["--broker=redis", "--pubsub=none"], {}).pubsub_adapter == "none"  # one process on its own
+    cfg = load(["--broker=redis", "--workers=2"], {})
+    assert (cfg.broker, cfg.pubsub_adapter, cfg.workers) == ("redis", "redis", 2)
+
+
 def test_redis_url_alias() -> None:
     assert load([], {"REDIS_URL": "redis://127.0.0.1:6390/2"}).redis_url == "redis://127.0.0.1:6390/2"
     env = {"REDIS_URL": "redis://a:1", "ANYCABLE_REDIS_URL": "redis://b:2"}
@@ -356,7 +363,6 @@ def test_broadcast_port_from_env_key() -> None:
         ([], {"ANYCABLE_PORT": "-1"}, ["--port"]),
         (["--http_broadcast_port=70000"], {}, ["--http_broadcast_port"]),
         (["--broker=foo"], {}, ["--broker"]),
-        (["--broker=redis"], {}, ["--broker", "redis"]),
         (["--broadcast_adapter=foo"], {}, ["--broadcast_adapter"]),
         (["--broadcast_adapter=http,redis"], {}, ["--broadcast_adapter", "redis"]),
         (["--pubsub=redis"], {}, ["--pubsub"]),
