@@ -498,4 +498,3 @@ def close_of(c: Client, timeout: float = 10.0) -> tuple[int | None, str, list[di
             msg = json.loads(data)
             if msg.get("type") != "ping":
                 frames.append(msg)
-

@@ -204,7 +204,7 @@ ERRORS = [
     (["--port=70000"], {}, ["--port"]),
     ([], {"PORT": "abc"}, ["--port"]),
     (["--broker=foo"], {}, ["--broker"]),
-    (["--broker=redis"], {}, ["--broker", "redis"]),
+    (["--broker=nats"], {}, ["--broker", "nats"]),
     (["--broadcast_adapter=nats"], {}, ["--broadcast_adapter"]),
     (["--workers=2"], {}, ["--workers"]),
     (["--rpc_host=localhost:50051"], {}, ["--rpc_host"]),
