@@ -54,6 +54,10 @@ def signed_id(signed: str, channel: str = "$pubsub") -> str:
     return json.dumps({"channel": channel, "signed_stream_name": signed}, separators=(",", ":"))
 
 
+class _PortTaken(RuntimeError):
+    """The server could not listen: a port picked as free was taken meanwhile."""
+
+
 class Server:
     """The real CLI (``python -m anycable_gevent``) on free loopback ports."""
 
@@ -71,6 +75,10 @@ class Server:
         self.start_limits: tuple[int, int] | None = (nofile, nofile) if nofile is not None else None
         self.broadcast_port = broadcast_port or free_port()
         self.args = list(args)
+        #: both ports were picked here (so they may be picked again if taken meanwhile)
+        self._auto_ports = broadcast_port is None and not any(
+            a.startswith(("--http_broadcast_port", "--port")) for a in self.args
+        )
         if not any(a.startswith("--http_broadcast_port") for a in self.args):
             self.args.append(f"--http_broadcast_port={self.broadcast_port}")
         else:
@@ -98,7 +106,24 @@ class Server:
         return f"http://127.0.0.1:{self.broadcast_port}/_broadcast"
 
     def start(self, timeout: float = 15.0, healthy: bool = True) -> Server:
-        """Start and wait until ``/health`` answers 200 (with ``healthy=False``: answers at all)."""
+        """Start and wait until ``/health`` answers 200 (with ``healthy=False``: answers at all).
+
+        A free port can be taken by another process between :func:`free_port` and the
+        server's bind (other test runs share the machine): a server whose ports were picked
+        here and that exits because one is in use is started again on new ports, twice at most.
+        """
+        for attempt in range(3):
+            try:
+                return self._start(timeout, healthy)
+            except _PortTaken:
+                if attempt == 2 or not self._auto_ports:
+                    raise
+                self.port, self.broadcast_port = free_port(), free_port()
+                self.args = [a for a in self.args if not a.startswith("--http_broadcast_port=")]
+                self.args.append(f"--http_broadcast_port={self.broadcast_port}")
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float, healthy: bool) -> Server:
         cmd = [sys.executable, "-m", "anycable_gevent", "--host=127.0.0.1", f"--port={self.port}", *self.args]
         start_limits = self.start_limits
 
@@ -112,7 +137,10 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+                output = self.output()
+                if self.proc.returncode == 2 and "Address already in use" in output:
+                    raise _PortTaken(output)
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{output}")
             try:
                 with urllib.request.urlopen(f"{self.http}/health", timeout=0.5):
                     return self
