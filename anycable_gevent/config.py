@@ -620,6 +620,12 @@ def _validate_backends(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"--history_overrides: {exc}") from None
     if cfg.pubsub_adapter == "redis" and cfg.broker == "memory":
+        if not cfg.pubsub and "redisx" in cfg.broadcast_adapter:
+            raise ConfigError(
+                "--broadcast_adapter=redisx selects --pubsub=redis (each entry reaches one node, which "
+                "fans it out to the others), and --broker=memory keeps offsets in this process only: "
+                "use --broker=redis, or --pubsub=none for a single process"
+            )
         raise ConfigError(
             "--broker=memory keeps offsets and history in this process only; "
             "with --pubsub=redis (several processes or nodes) use --broker=redis"

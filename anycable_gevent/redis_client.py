@@ -91,6 +91,7 @@ class RedisConnector:
             socket_timeout=COMMAND_TIMEOUT,
             health_check_interval=HEALTH_CHECK_INTERVAL,
             retry_on_timeout=False,
+            protocol=2,  # RESP2: pub/sub messages are plain replies (RESP3 hands them to push callbacks)
         )
 
     @property

@@ -26,9 +26,9 @@ def make_server() -> Iterator[type[Server]]:
     started: list[Server] = []
 
     class Factory(Server):
-        def start(self, timeout: float = 15.0) -> Server:
+        def start(self, timeout: float = 15.0, healthy: bool = True) -> Server:
             started.append(self)
-            return super().start(timeout)
+            return super().start(timeout, healthy)
 
     yield Factory
     for srv in started:

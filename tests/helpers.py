@@ -95,7 +95,8 @@ class Server:
     def broadcast_url(self) -> str:
         return f"http://127.0.0.1:{self.broadcast_port}/_broadcast"
 
-    def start(self, timeout: float = 15.0) -> Server:
+    def start(self, timeout: float = 15.0, healthy: bool = True) -> Server:
+        """Start and wait until ``/health`` answers 200 (with ``healthy=False``: answers at all)."""
         cmd = [sys.executable, "-m", "anycable_gevent", "--host=127.0.0.1", f"--port={self.port}", *self.args]
         nofile = self.nofile
 
@@ -113,6 +114,10 @@ class Server:
             try:
                 with urllib.request.urlopen(f"{self.http}/health", timeout=0.5):
                     return self
+            except urllib.error.HTTPError:
+                if not healthy:
+                    return self
+                time.sleep(0.05)
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"server did not start:\n{self.output()}")
