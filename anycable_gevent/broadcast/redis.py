@@ -105,7 +105,7 @@ class RedisBroadcaster(Broadcaster):
                 self.attempts += 1
                 self._problem = _describe(exc)
                 self._errors.warning(
-                    "redis broadcaster: connection lost, reconnecting target=%s channel=%s attempt=%d error=%s "
+                    "redis broadcaster: Redis unavailable, retrying target=%s channel=%s attempt=%d error=%s "
                     "(broadcasts published meanwhile are lost for this node; retrying without limit)",
                     self.connector.describe(),
                     self.cfg.redis_channel,

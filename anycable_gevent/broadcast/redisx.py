@@ -52,7 +52,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import gevent
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from anycable_gevent import protocol
 from anycable_gevent.backoff import Backoff
@@ -89,6 +91,9 @@ RETRIED = "redisx_retried_total"
 RECONNECTS = "broadcast_redisx_reconnects_total"
 
 Entry = tuple[bytes, dict[bytes, Any] | None]
+
+#: Errors that mean Redis cannot be reached (anything else is an answer of Redis).
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def consumer_name(node_id: str) -> str:
@@ -173,6 +178,9 @@ class RedisStreamBroadcaster(Broadcaster):
         self._leave_group()
 
     def _leave_group(self) -> None:
+        if self._problem is not None:
+            log.info("redisx: consumer %s not removed from group %s: Redis unavailable", self.consumer, GROUP)
+            return
         try:
             client = self.connector.client
             if self._unacked:  # registered, but the acknowledgement did not get through
@@ -215,8 +223,9 @@ class RedisStreamBroadcaster(Broadcaster):
                 self.attempts += 1
                 self._problem = _describe(exc)
                 self._errors.warning(
-                    "redisx: Redis unavailable, retrying target=%s stream=%s attempt=%d error=%s "
+                    "redisx: %s, retrying target=%s stream=%s attempt=%d error=%s "
                     "(entries wait in the stream; retrying without limit)",
+                    "Redis unavailable" if isinstance(exc, UNREACHABLE) else "reading the stream failed",
                     self.connector.describe(),
                     self.stream,
                     self.attempts,

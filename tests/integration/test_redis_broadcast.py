@@ -456,3 +456,22 @@ def test_remove_stale_consumers_keeps_busy_and_recent_ones(rds: redis.Redis, str
     assert remove_stale_consumers(rds, key, GROUP, min_idle=0.3, keep="me") == ["idle-empty"]
     names = sorted(i["name"] for i in rds.xinfo_consumers(key, GROUP))
     assert names == [b"idle-pending", b"me", b"recent"]
+
+
+def test_redisx_recreates_its_group_when_the_stream_is_deleted(
+    make_server: type[Server], rds: redis.Redis, streams: list[str]
+) -> None:
+    key, stream = unique("__bcast_test_deleted"), unique("x-deleted")
+    streams.append(key)
+    srv = make_server(*SINGLE, "--broadcast_adapter=redisx", f"--redisx_stream={key}", f"--redis_url={REDIS_URL}")
+    srv.start()
+    c = subscribed(srv, stream)
+    try:
+        rds.delete(key)  # the group goes with it; the blocked read is told so
+        rds.xadd(key, {"payload": publication(stream, "after the delete")})  # a stream without a group
+        frame = c.recv(10)
+        assert (frame["message"], frame["offset"]) == ("after the delete", 1)
+    finally:
+        c.close()
+    eventually(lambda: stream_state(rds, key) == (0, 0), what="entry acknowledged and deleted")
+    assert "reading the stream failed, retrying" in srv.output()
