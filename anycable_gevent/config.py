@@ -173,7 +173,10 @@ class Config:
 
     # -- broadcasting
     broadcast_adapter: list[str] = _opt(
-        ["http"], "broadcast", "Broadcast adapters, comma-separated", flags=["--broadcast_adapters"]
+        ["http"],
+        "broadcast",
+        "Broadcast adapters, comma-separated: " + ", ".join(BROADCAST_ADAPTERS),
+        flags=["--broadcast_adapters"],
     )
     broadcast_key: str = _opt(
         "",
@@ -189,8 +192,12 @@ class Config:
     )
     http_broadcast_path: str = _opt("/_broadcast", "broadcast", "Path of the HTTP broadcast endpoint")
     http_broadcast_max_body: int = _opt(1048576, "broadcast", "Largest accepted broadcast request body in bytes")
-    redis_channel: str = _opt("__anycable__", "broadcast", "Redis channel of the redis broadcast adapter")
-    redisx_stream: str = _opt("__anycable__", "broadcast", "Redis stream of the redisx broadcast adapter")
+    redis_channel: str = _opt(
+        "__anycable__", "broadcast", "Redis channel of the legacy redis broadcast adapter (PUBLISH, fan-out)"
+    )
+    redisx_stream: str = _opt(
+        "__anycable__", "broadcast", "Redis stream of the redisx broadcast adapter (XADD, consumer group bx)"
+    )
 
     # -- broker
     broker: str = _opt("memory", "broker", "Broker: " + ", ".join(BROKERS), choices=BROKERS)
