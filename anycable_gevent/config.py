@@ -229,6 +229,11 @@ class Config:
         "redis://localhost:6379", "pubsub", "Redis URL (redis://, rediss:// or unix://)", env=["REDIS_URL"]
     )
     redis_prefix: str = _opt("anycable:", "pubsub", "Prefix of every Redis key and channel of this server")
+    redis_keepalive_interval: float = _opt(
+        15.0,
+        "pubsub",
+        "Seconds of silence on the pub/sub connection before a probe checks it still hears (deaf: reconnect)",
+    )
     node_id: str = _opt("", "pubsub", "Node name in logs and metrics (default: random)")
 
     # -- rpc
@@ -637,6 +642,10 @@ def _validate_backends(cfg: Config) -> None:
             "--broker=memory keeps offsets and history in this process only; "
             "with --pubsub=redis (several processes or nodes) use --broker=redis"
         )
+    _check(
+        cfg.redis_keepalive_interval > 0,
+        f"--redis_keepalive_interval: must be > 0 seconds, got {cfg.redis_keepalive_interval:g}",
+    )
     _check(
         "{" not in cfg.redis_prefix and "}" not in cfg.redis_prefix,
         "--redis_prefix: must not contain { or } (they make Redis Cluster hash tags)",

@@ -77,7 +77,7 @@ class Server:
                     self.broadcast_port = int(a.split("=", 1)[1])
         self.env = dict(os.environ)
         for k in list(self.env):
-            if k.startswith("ANYCABLE_"):
+            if k.startswith("ANYCABLE_") or k in ("REDIS_URL", "PORT"):
                 del self.env[k]
         self.env.update(env or {})
         self.log = tempfile.NamedTemporaryFile(prefix="anycable-gevent-", suffix=".log", delete=False)
@@ -121,6 +121,10 @@ class Server:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"server did not start:\n{self.output()}")
+
+    def start_unhealthy(self, timeout: float = 15.0) -> Server:
+        """Start a server expected to report a problem on ``/health`` (503)."""
+        return self.start(timeout, healthy=False)
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
