@@ -15,11 +15,6 @@ prefix is unique to its test and deleted afterwards; tests that stop Redis run t
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,11 +22,11 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import Client, Server, connected, free_port, pubsub_id
+from helpers import Client, Server, connected, pubsub_id
+from redis_helpers import REDIS_URL, PrivateRedis
 
 from anycable_gevent.broadcast.redisx import GROUP, remove_stale_consumers
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
 #: the stream and channel of the module's server (``srv``)
 X_STREAM, CHANNEL = f"__bcast_test_x-{uuid.uuid4().hex[:10]}", f"__bcast_test_c-{uuid.uuid4().hex[:10]}"
 SINGLE = ("--public_streams", "--noauth", "--broker=memory", "--pubsub=none", "--metrics_http=/metrics")
@@ -97,57 +92,13 @@ def stream_state(rds: redis.Redis, stream: str) -> tuple[int, int]:
     return rds.xlen(stream), int(pending["pending"])
 
 
-class PrivateRedis:
-    """A ``redis-server`` of the test's own on a free port (the shared one is never stopped)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="anycable-bcast-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> PrivateRedis:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir]
-        self.proc = subprocess.Popen(
-            [*args, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
     r = PrivateRedis()
     try:
         yield r
     finally:
-        r.close()
+        r.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
