@@ -232,7 +232,8 @@ class Config:
     redis_keepalive_interval: float = _opt(
         15.0,
         "pubsub",
-        "Seconds of silence on the pub/sub connection before a probe checks it still hears (deaf: reconnect)",
+        "Seconds of silence on a Redis pub/sub connection (--pubsub=redis, the redis broadcast adapter) "
+        "before a probe checks it still hears (deaf: reconnect)",
     )
     node_id: str = _opt("", "pubsub", "Node name in logs and metrics (default: random)")
 

@@ -10,8 +10,8 @@ at-most-once); use ``redisx`` for history, offsets and retries.
 
 Concurrency: one listener greenlet owns one dedicated connection (not pooled) and does
 everything on it: SUBSCRIBE, reads, and a PING when the connection has been silent for
-:data:`PROBE_INTERVAL` (a connection can stay open and deaf after a failover or behind a
-proxy; no answer within another interval means it is dropped and made again). Each
+``--redis_keepalive_interval`` (a connection can stay open and deaf after a failover or
+behind a proxy; no answer within another interval means it is dropped and made again). Each
 payload is decoded and handed to :meth:`Handler.handle_fanout` inline; that call only
 enqueues to the hub, so the listener never waits on a slow client. After any failure the
 listener reconnects with capped, jittered backoff, forever (anycable-go exits after 5
@@ -36,9 +36,6 @@ from anycable_gevent.redis_client import RedisConnector
 
 log = logging.getLogger("anycable_gevent.broadcast")
 
-#: Seconds of silence before the listener PINGs its connection (and again before it gives
-#: the connection up as deaf).
-PROBE_INTERVAL = 10.0
 #: Reconnect delays: from a quarter second up to this many seconds, jittered.
 BACKOFF_CAP = 10.0
 #: Counter of lost-and-made-again connections (this server's, not anycable-go's).
@@ -56,6 +53,8 @@ class RedisBroadcaster(Broadcaster):
             raise ValueError("the redis broadcast adapter needs a RedisConnector")
         self.connector = redis
         self.channel = cfg.redis_channel.encode()
+        #: seconds of silence before a PING (and again before the connection is given up)
+        self.probe_interval = cfg.redis_keepalive_interval
         self._conn: Any = None
         self._listener: gevent.Greenlet | None = None
         self._problem: str | None = "connecting"
@@ -133,9 +132,9 @@ class RedisBroadcaster(Broadcaster):
         conn = self._conn
         probing = False
         while True:
-            if not conn.can_read(timeout=PROBE_INTERVAL):
+            if not conn.can_read(timeout=self.probe_interval):
                 if probing:
-                    raise ConnectionError(f"no answer to PING within {PROBE_INTERVAL:g}s (connection deaf)")
+                    raise ConnectionError(f"no answer to PING within {self.probe_interval:g}s (connection deaf)")
                 probing = True
                 conn.send_command("PING")
                 continue

@@ -24,6 +24,7 @@ import pytest
 import redis
 from helpers import Client, Server, connected, pubsub_id
 from redis_helpers import REDIS_URL, PrivateRedis
+from tcp_proxy import Proxy
 
 from anycable_gevent.broadcast.redisx import GROUP, remove_stale_consumers
 
@@ -210,6 +211,31 @@ def test_legacy_listener_resubscribes_after_a_redis_restart(
             client.close()
         assert c.recv() == {"identifier": pubsub_id(stream), "message": "back"}
     assert counter(srv, "broadcast_redis_reconnects_total") == 1
+
+
+def test_legacy_listener_remakes_a_deaf_connection(make_server: type[Server]) -> None:
+    port = int(REDIS_URL.rsplit(":", 1)[1].split("/")[0])
+    channel, stream = unique("__bcast_test_deaf"), unique("legacy-deaf")
+    with Proxy(port) as proxy:
+        srv = make_server(
+            *SINGLE,
+            "--broadcast_adapter=redis",
+            f"--redis_channel={channel}",
+            f"--redis_url={proxy.url}",
+            "--redis_keepalive_interval=0.5",
+        ).start()
+        with connected(srv) as c:
+            c.subscribe(pubsub_id(stream))
+            assert proxy.deafen() == 1  # open, but nothing Redis sends reaches the listener
+            eventually(lambda: counter(srv, "broadcast_redis_reconnects_total") == 1, what="a new connection")
+            rds = redis.Redis.from_url(REDIS_URL)
+            try:
+                # the deaf connection is still subscribed at Redis until the proxy closes it
+                assert rds.publish(channel, publication(stream, "heard")) >= 1
+            finally:
+                rds.close()
+            assert c.recv() == {"identifier": pubsub_id(stream), "message": "heard"}
+        assert "no answer to PING within 0.5s (connection deaf)" in srv.output()
 
 
 # ---------------------------------------------------------------------- redisx
