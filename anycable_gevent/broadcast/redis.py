@@ -86,10 +86,8 @@ class RedisBroadcaster(Broadcaster):
     def healthy(self) -> str | None:
         if self._problem is None:
             return None
-        return (
-            f"redis broadcaster ({self.connector.describe()}, channel {self.cfg.redis_channel!r}): "
-            f"{self._problem} (attempt {self.attempts}, retrying)"
-        )
+        tries = f"attempt {self.attempts}, retrying" if self.attempts else "first attempt"
+        return f"redis broadcaster ({self.connector.describe()}, channel {self.cfg.redis_channel!r}): {self._problem} ({tries})"
 
     # ------------------------------------------------------------------ listening
     def _run(self) -> None:

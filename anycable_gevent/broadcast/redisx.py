@@ -205,7 +205,8 @@ class RedisStreamBroadcaster(Broadcaster):
     def healthy(self) -> str | None:
         where = f"redisx broadcaster ({self.connector.describe()}, stream {self.stream!r})"
         if self._problem is not None:
-            return f"{where}: {self._problem} (attempt {self.attempts}, retrying)"
+            tries = f"attempt {self.attempts}, retrying" if self.attempts else "first attempt"
+            return f"{where}: {self._problem} ({tries})"
         if self._refused is not None:
             return f"{where}: publications not accepted, entries wait: {self._refused}"
         return None
