@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import configargparse
 
@@ -131,6 +131,12 @@ class Config:
         "ws",
         "Channel subscriptions one connection may hold; more get reject_subscription (0 = unlimited)",
     )
+    max_subscription_streams: int = _opt(
+        1024, "ws", "Streams one subscription may follow; more are not started and are logged (0 = unlimited)"
+    )
+    max_history_messages: int = _opt(
+        10000, "ws", "Most messages in one history reply; a larger one gets reject_history (0 = unlimited)"
+    )
     ws_write_timeout: float = _opt(2.0, "ws", "Seconds a write to a client may block before it is dropped")
     ws_max_pending_size: int = _opt(
         1048576,
@@ -222,7 +228,7 @@ class Config:
         "",
         "pubsub",
         "Pub/sub between workers and nodes: " + " or ".join(PUBSUB_ADAPTERS) + " (default: redis with "
-        "--broker=redis or the redisx adapter, else none)",
+        "--broker=redis, the redisx adapter or --workers > 1, else none)",
         choices=["", *PUBSUB_ADAPTERS],
     )
     redis_url: str = _opt(
@@ -256,8 +262,17 @@ class Config:
     disconnect_backlog_size: int = _opt(4096, "rpc", "Queued Disconnect calls before new ones are dropped")
 
     # -- process
-    workers: int = _opt(1, "process", "Worker processes (more than 1 needs a shared broker and pub/sub)")
+    workers: int = _opt(1, "process", "Worker processes (more than 1 needs --broker=redis, or none, and Redis pub/sub)")
+    worker_timeout: float = _opt(
+        30.0, "process", "Seconds a worker's event loop may be blocked before the master kills and replaces it"
+    )
     shutdown_timeout: float = _opt(30.0, "process", "Seconds a graceful shutdown may take")
+    restorable_shutdown: bool = _opt(
+        False,
+        "process",
+        "On SIGTERM close connections with a close frame only, so that clients restore their sessions "
+        "elsewhere (default: a server_restart message, after which the JS client starts a new session)",
+    )
     shutdown_delay: float = _opt(0.0, "process", "Seconds to wait before starting a graceful shutdown")
 
     # -- logging
@@ -342,7 +357,7 @@ class Config:
         """The pub/sub in use: ``--pubsub``, or chosen from the broker and broadcasters."""
         if self.pubsub:
             return self.pubsub
-        if self.broker == "redis" or "redisx" in self.broadcast_adapter:
+        if self.broker == "redis" or "redisx" in self.broadcast_adapter or self.workers > 1:
             return "redis"
         return "none"
 
@@ -363,6 +378,15 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+def safe_url(url: str) -> str:
+    """The URL without user and password (for logs, the banner and errors)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def _none(value: str) -> str:
@@ -598,6 +622,8 @@ def _validate_runtime(cfg: Config) -> None:
     _check(cfg.ws_max_fragments >= 0, f"--ws_max_fragments: must be >= 0, got {cfg.ws_max_fragments}")
     _check(cfg.ws_frame_timeout >= 0, f"--ws_frame_timeout: must be >= 0, got {cfg.ws_frame_timeout:g}")
     _check(cfg.max_subscriptions >= 0, f"--max_subscriptions: must be >= 0, got {cfg.max_subscriptions}")
+    for name in ("max_subscription_streams", "max_history_messages"):
+        _check(getattr(cfg, name) >= 0, f"--{name}: must be >= 0, got {getattr(cfg, name)}")
     _check(cfg.ws_write_timeout > 0, f"--ws_write_timeout: must be > 0 seconds, got {cfg.ws_write_timeout:g}")
     _check(cfg.ws_max_pending_size >= 0, f"--ws_max_pending_size: must be >= 0, got {cfg.ws_max_pending_size}")
     _check(not cfg.enable_ws_compression, "--enable_ws_compression: per-message deflate is not supported")
@@ -632,7 +658,7 @@ def _validate_backends(cfg: Config) -> None:
         _ = cfg.history_policy
     except ValueError as exc:
         raise ConfigError(f"--history_overrides: {exc}") from None
-    if cfg.pubsub_adapter == "redis" and cfg.broker == "memory":
+    if cfg.pubsub_adapter == "redis" and cfg.broker == "memory" and cfg.workers == 1:
         if not cfg.pubsub and "redisx" in cfg.broadcast_adapter:
             raise ConfigError(
                 "--broadcast_adapter=redisx selects --pubsub=redis (each entry reaches one node, which "
@@ -655,8 +681,12 @@ def _validate_backends(cfg: Config) -> None:
     url = urlsplit(cfg.redis_url)
     _check(
         url.scheme in ("redis", "rediss", "unix"),
-        f"--redis_url: unsupported scheme in {cfg.redis_url!r} (use redis://, rediss:// or unix://)",
+        f"--redis_url: unsupported scheme in {safe_url(cfg.redis_url)!r} (use redis://, rediss:// or unix://)",
     )
+    try:
+        _ = url.port
+    except ValueError:
+        raise ConfigError(f"--redis_url: invalid port in {url.scheme}://{url.hostname or ''}") from None
 
     if cfg.rpc_host:
         scheme = urlsplit(cfg.rpc_host).scheme
@@ -679,12 +709,14 @@ def _validate_backends(cfg: Config) -> None:
     if cfg.workers > 1:
         _check(
             cfg.broker != "memory",
-            "--workers > 1 cannot use --broker=memory (each worker would have its own epoch and offsets)",
+            "--workers > 1 cannot use --broker=memory (each worker would have its own epoch, offsets and "
+            "sessions): use --broker=redis",
         )
-        raise ConfigError(
-            "--workers > 1 needs a shared broker and pub/sub (--broker=redis --pubsub=redis), "
-            "which are not available in this version; run one worker per node"
+        _check(
+            cfg.pubsub_adapter == "redis",
+            "--workers > 1 needs --pubsub=redis (workers hand each other's broadcasts through Redis)",
         )
+    _check(cfg.worker_timeout > 0, f"--worker_timeout: must be > 0 seconds, got {cfg.worker_timeout:g}")
     _check(cfg.shutdown_timeout > 0, f"--shutdown_timeout: must be > 0, got {cfg.shutdown_timeout:g}")
     _check(cfg.shutdown_delay >= 0, f"--shutdown_delay: must be >= 0, got {cfg.shutdown_delay:g}")
 

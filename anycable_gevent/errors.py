@@ -4,6 +4,8 @@ from __future__ import annotations
 
 #: Exit code of a bad configuration (or a port that cannot be bound): not worth a restart.
 EXIT_CONFIG = 2
+#: Exit code of a worker that failed before it served: the master stops instead of respawning.
+EXIT_BOOT = 3
 
 
 class AnyCableError(Exception):

@@ -69,11 +69,13 @@ class Graph:
         checks = [self.pubsub.healthy, self.broker.healthy, *(b.healthy for b in self.broadcasters)]
         return [problem for problem in (check() for check in checks) if problem]
 
-    def shutdown(self, deadline: float) -> None:
-        """Stop taking publications, disconnect clients, drain, then release every client."""
+    def shutdown(self, deadline: float, restorable: bool = False) -> None:
+        """Stop taking publications, close the connections (``restorable``: with a close
+        frame only, so that clients restore their sessions elsewhere), drain, then
+        release every client."""
         for b in self.broadcasters:
             b.shutdown()
-        self.node.shutdown(deadline)
+        self.node.shutdown(deadline, restorable)
         self.controller.shutdown(max(deadline - time.monotonic(), 0.0))
         self.broker.shutdown()
         self.hub.shutdown()

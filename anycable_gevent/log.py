@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 import sys
@@ -77,6 +76,7 @@ class TextFormatter(logging.Formatter):
         parts.append("context=" + record.name.rsplit(".", 1)[-1])
         if self.context:
             parts.append(self.context)
+        parts.append(f"pid={record.process}")  # the process that logs: workers inherit the setup
         text = " ".join(parts)
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
@@ -88,8 +88,8 @@ class JSONFormatter(logging.Formatter):
 
     def __init__(self, context: dict[str, str]) -> None:
         super().__init__()
-        # the pid is a number; the node id stays a string even when it is all digits
-        self.context: dict[str, Any] = {k: int(v) if k == "pid" else v for k, v in context.items() if v}
+        # the node id stays a string even when it is all digits
+        self.context: dict[str, Any] = {k: v for k, v in context.items() if v}
 
     def format(self, record: logging.LogRecord) -> str:
         msg, fields = split_fields(record.getMessage())
@@ -101,6 +101,7 @@ class JSONFormatter(logging.Formatter):
             "context": record.name.rsplit(".", 1)[-1],
         }
         out.update(self.context)
+        out["pid"] = record.process
         for key, value in fields.items():
             # a message field never overwrites the envelope (a field named "time" or "msg")
             out[key if key not in ("time", "level", "msg") else f"field.{key}"] = value
@@ -115,7 +116,7 @@ def setup(level: str = "info", fmt: str = "text", node_id: str = "", stream: Tex
     Returns the node id in use: ``node_id``, or a random 6-character one like anycable-go's.
     """
     node_id = node_id or secrets.token_hex(3)
-    context = {"nodeid": node_id, "pid": str(os.getpid())}
+    context = {"nodeid": node_id}
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JSONFormatter(context) if fmt == "json" else TextFormatter(context))
     logger = logging.getLogger(ROOT)

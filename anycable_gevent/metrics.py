@@ -23,10 +23,10 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gevent
-
-from anycable_gevent.ticker import every
+if TYPE_CHECKING:
+    import gevent
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ COUNTERS: dict[str, str] = {
     "ws_fragment_limit_total": "The total number of connections closed for a message of too many fragments (1008)",
     "ws_frame_timeouts_total": "The total number of connections closed for a frame not finished in time (1008)",
     "subscriptions_refused_total": "The total number of subscriptions refused by --max_subscriptions",
+    "streams_refused_total": "The total number of streams not started: over --max_subscription_streams",
+    "history_refused_total": "The total number of history replies refused: over --max_history_messages",
+    "no_pong_disconnects_total": "The total number of clients disconnected for not answering pings (--pong_timeout)",
 }
 
 #: Gauge name -> help text.
@@ -187,6 +190,8 @@ class Metrics:
 
     def start(self, refresh_interval: float, log_interval: float = 0, log_filter: Iterable[str] = ()) -> None:
         """Spawn the refresh loop and, when ``log_interval`` > 0, the log line loop."""
+        from anycable_gevent.ticker import every  # gevent, in the serving process only
+
         self.refresh()
         self._loops.append(every(refresh_interval, self.refresh, "metrics refresh"))
         if log_interval > 0:

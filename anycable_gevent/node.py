@@ -139,14 +139,17 @@ class Node:
     def _touch_presence(self) -> None:
         self.broker.touch_presence([s.sid for s in self.present])
 
-    def shutdown(self, deadline: float) -> None:
-        """Disconnect every client (server_restart), flush Disconnect calls and snapshots."""
+    def shutdown(self, deadline: float, restorable: bool = False) -> None:
+        """Close every client, flush Disconnect calls and snapshots.
+
+        Clients get ``server_restart`` and 1001, or with ``restorable`` only the 1001
+        close frame: the official JS client forgets its session after a ``disconnect``
+        message, so only then does it restore its session (without any RPC call) where
+        it reconnects.
+        """
+        notice = None if restorable else protocol.disconnect(protocol.SERVER_RESTART, True)
         for session in tuple(self.sessions):
-            session.close(
-                protocol.CLOSE_GOING_AWAY,
-                "Server restart",
-                protocol.disconnect(protocol.SERVER_RESTART, True),
-            )
+            session.close(protocol.CLOSE_GOING_AWAY, "Server restart", notice)
         while self.sessions and time.monotonic() < deadline:
             gevent.sleep(0.05)
         self.disconnector.drain(deadline)
@@ -283,6 +286,7 @@ class Node:
             self.disconnector.push(self.connection(session), list(session.subscriptions), istates)
 
     def _no_pong(self, session: Session) -> None:
+        self.metrics.inc("no_pong_disconnects_total")
         session.close(protocol.CLOSE_NORMAL, "No Pong", protocol.disconnect(protocol.NO_PONG, True))
 
     def _commit(self, session: Session) -> None:
@@ -504,8 +508,17 @@ class Node:
                     if stream in sub.streams:
                         self._leave(sub.streams.pop(stream))
                         changed = True
+            limit = self.cfg.max_subscription_streams
             for stream in result.streams:
                 if stream not in sub.streams:
+                    if limit and len(sub.streams) >= limit:
+                        self.metrics.inc("streams_refused_total")
+                        log.warning(
+                            "stream not started: subscription at --max_subscription_streams=%d conn=%s",
+                            limit,
+                            session.ref,
+                        )
+                        continue
                     sub.streams[stream] = self._join(session, sub.identifier, stream, held)
                     changed = True
             changed = _merge(sub.istate, result.istate) or changed
@@ -605,6 +618,15 @@ class Node:
                 hub.release(ss)
             return
         if session.closed:
+            return
+        limit = self.cfg.max_history_messages
+        if limit and sum(len(msgs) for _, msgs, _ in plans) > limit:
+            # all or nothing: the client gets history_not_found and goes on live
+            self.metrics.inc("history_refused_total")
+            log.info("history reply over --max_history_messages=%d conn=%s", limit, session.ref)
+            session.write_text(protocol.reject_history(identifier))
+            for _, ss in subs:
+                hub.release(ss)
             return
         for ss, msgs, known in plans:
             self._send_history(session, ss, msgs, known)

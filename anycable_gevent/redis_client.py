@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from anycable_gevent.config import Config
+from anycable_gevent.config import Config, safe_url
 
 log = logging.getLogger("anycable_gevent.redis")
 
@@ -37,15 +36,6 @@ COMMAND_TIMEOUT = 5.0
 #: A pooled connection idle this long is checked (PING) before use: after a Redis restart
 #: the first command must not fail on a dead connection.
 HEALTH_CHECK_INTERVAL = 1
-
-
-def safe_url(url: str) -> str:
-    """The URL without user and password (for logs, the banner and errors)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 class Keys:

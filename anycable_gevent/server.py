@@ -1,9 +1,20 @@
 """One worker's server: the graph of components, the HTTP servers on its sockets, signals.
 
-Runs in a gevent-patched process (see :mod:`anycable_gevent.worker`). :meth:`Server.run`
-starts the components in dependency order, then the HTTP servers, and on SIGTERM/SIGINT
-stops accepting, disconnects every client (``server_restart``) and stops the components
-in reverse, within ``--shutdown_timeout``; a second signal exits at once.
+Runs in a gevent-patched process (see :mod:`anycable_gevent.worker`). :meth:`Server.boot`
+starts the components in dependency order, then the HTTP servers; :meth:`Server.run`
+serves until a signal, then stops accepting, closes every client and stops the
+components in reverse, within ``--shutdown_timeout`` (it ends as soon as the clients are
+gone and the pending Disconnect calls are sent):
+
+* SIGTERM (and SIGINT without a master): clients get ``server_restart`` and close code
+  1001 (with ``--restorable_shutdown`` only the close frame, so they restore their
+  sessions elsewhere); a second signal exits at once;
+* SIGUSR2 (from the master: this worker retires while the others serve): close frames
+  only, so its clients restore their sessions on the other workers;
+* SIGQUIT: exit at once.
+
+A forked worker stamps its heartbeat every second from its event loop and stops when
+its master is gone.
 """
 
 from __future__ import annotations
@@ -21,9 +32,11 @@ from gevent.event import Event
 
 from anycable_gevent import banner, graph
 from anycable_gevent.config import Config
+from anycable_gevent.heartbeat import Heartbeat
 from anycable_gevent.listeners import Listen
 from anycable_gevent.metrics import DIR_ENV as METRICS_DIR_ENV
 from anycable_gevent.metrics import Metrics
+from anycable_gevent.ticker import every
 from anycable_gevent.transport import CableHandler, CableServer, ConnectionGate, HTTPLimits
 
 log = logging.getLogger("anycable_gevent.main")
@@ -41,10 +54,29 @@ class _ErrorLog:
         pass
 
 
+#: Seconds between heartbeats of a forked worker.
+HEARTBEAT_INTERVAL = 1.0
+
+
 class Server:
-    def __init__(self, cfg: Config, sockets: dict[int, socket.socket], ports: dict[int, Listen]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        sockets: dict[int, socket.socket],
+        ports: dict[int, Listen],
+        forked: bool = False,
+        heartbeat: Heartbeat | None = None,
+        index: int = 0,
+        ppid: int | None = None,
+    ) -> None:
         self.cfg = cfg
         self.ports = ports
+        self.forked = forked
+        self.heartbeat = heartbeat
+        self.index = index
+        self.ppid = ppid
+        #: how the clients are told when this worker stops: restorable = close frames only
+        self.restorable = cfg.restorable_shutdown
         # the inherited stdlib sockets, as gevent sockets on the same file descriptors
         self.listeners = {
             port: gsocket.socket(s.family, s.type, s.proto, fileno=s.detach()) for port, s in sockets.items()
@@ -54,6 +86,7 @@ class Server:
         self.servers: list[CableServer] = []
         self.stopped = Event()
         self._signals = 0
+        self._pulse: gevent.Greenlet | None = None
         # both walk something big (the heap, /proc): refreshed every --stats_refresh_interval
         self.metrics.gauge("goroutines_num", self._greenlets, slow=True)
         self.metrics.gauge("mem_sys_bytes", _rss_bytes, slow=True)
@@ -68,14 +101,25 @@ class Server:
         writers = sum(1 for s in node.sessions if s.pending)
         return len(node.sessions) + writers + len(node.pinger.buckets) + node.background + len(self.servers)
 
-    def run(self) -> int:
-        """Start everything, block until a signal, then shut down gracefully (exit code)."""
+    def boot(self) -> None:
+        """Start every component and the HTTP servers (an error here is a boot failure)."""
         cfg = self.cfg
-        banner.print_process(cfg, self.ports, f"gevent: {gevent.__version__}")
+        if not self.forked:
+            banner.print_process(cfg, self.ports, f"gevent: {gevent.__version__}")
+        gevent.signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
+        if self.forked:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides (a terminal's ^C)
+            gevent.signal_handler(signal.SIGUSR2, self._on_signal, signal.SIGUSR2)
+            gevent.signal_handler(signal.SIGQUIT, self._on_quit)
+            for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            gevent.signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
         self.graph.start()
+        level = logging.INFO if self.index == 0 else logging.DEBUG
         for line in self.graph.announce():
-            log.info("%s", line)
-        if self.metrics.directory:
+            log.log(level, "%s", line)
+        if self.metrics.directory and self.index == 0:
             log.info("Metrics of all workers are summed through %s", self.metrics.directory)
         self.metrics.start(
             cfg.stats_refresh_interval,
@@ -83,8 +127,22 @@ class Server:
             cfg.metrics_log_filter,
         )
         self._serve()
-        gevent.signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
-        gevent.signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
+        if self.heartbeat is not None:
+            self.heartbeat.notify()  # booted: the master may retire the worker this one replaces
+            self._pulse = every(HEARTBEAT_INTERVAL, self._beat, "heartbeat")
+        if self.forked:
+            log.info("worker serving index=%d", self.index)
+
+    def _beat(self) -> None:
+        assert self.heartbeat is not None
+        if self.ppid is not None and os.getppid() != self.ppid:
+            log.warning("master is gone: stopping")
+            self.stopped.set()
+            return
+        self.heartbeat.notify()
+
+    def run(self) -> int:
+        """Block until a signal, then shut down gracefully (the exit code)."""
         self.stopped.wait()
         self.shutdown()
         return 0
@@ -129,8 +187,16 @@ class Server:
         if self._signals > 1:
             log.warning("second signal: exiting now")
             os._exit(1)
-        log.info("%s received: shutting down gracefully", signal.Signals(signum).name)
+        if signum == signal.SIGUSR2:
+            self.restorable = True
+            log.info("retiring: closing connections so that they restore on the other workers")
+        else:
+            log.info("%s received: shutting down gracefully", signal.Signals(signum).name)
         self.stopped.set()
+
+    def _on_quit(self) -> None:
+        log.warning("SIGQUIT: exiting now")
+        os._exit(0)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -143,7 +209,9 @@ class Server:
         for server in self.servers:
             server.close()  # stop accepting; open connections carry on
         clients = len(self.graph.node.sessions)
-        self.graph.shutdown(deadline)
+        if self._pulse is not None:
+            self._pulse.kill(block=False)
+        self.graph.shutdown(deadline, self.restorable)
         self.metrics.shutdown()
         for server in self.servers:
             server.stop(timeout=max(min(deadline - time.monotonic(), 1.0), 0.0))

@@ -8,24 +8,39 @@ be imported before :func:`main` patches.
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import TYPE_CHECKING
 
+from anycable_gevent.errors import EXIT_BOOT
+
 if TYPE_CHECKING:
     from anycable_gevent.config import Config
+    from anycable_gevent.heartbeat import Heartbeat
     from anycable_gevent.listeners import Listen
 
+log = logging.getLogger("anycable_gevent.main")
 
-def main(cfg: Config, sockets: dict[int, socket.socket], ports: dict[int, Listen], forked: bool = False) -> int:
-    """Serve until told to stop; returns the process exit code."""
+
+def main(
+    cfg: Config,
+    sockets: dict[int, socket.socket],
+    ports: dict[int, Listen],
+    forked: bool = False,
+    heartbeat: Heartbeat | None = None,
+    index: int = 0,
+    ppid: int | None = None,
+) -> int:
+    """Serve until told to stop; returns the process exit code (3: failed before serving)."""
     from gevent import monkey
 
     monkey.patch_all()
-    if forked:
-        import gevent
+    try:
+        from anycable_gevent.server import Server
 
-        gevent.reinit()
-
-    from anycable_gevent.server import Server
-
-    return Server(cfg, sockets, ports).run()
+        server = Server(cfg, sockets, ports, forked=forked, heartbeat=heartbeat, index=index, ppid=ppid)
+        server.boot()
+    except Exception:
+        log.exception("worker failed to boot")
+        return EXIT_BOOT
+    return server.run()

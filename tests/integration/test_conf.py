@@ -15,6 +15,7 @@ import pytest
 from helpers import ROOT, Server
 
 from anycable_gevent import cli, config
+from anycable_gevent.errors import EXIT_BOOT
 
 CONF = ROOT / "conf" / "anycable.conf"
 UNIT = ROOT / "conf" / "anycable-gevent.service"
@@ -101,8 +102,10 @@ def test_systemd_unit_stops_gracefully() -> None:
     assert service["KillSignal"] == "SIGTERM"
     # systemd must not SIGKILL a server that is still inside its graceful shutdown
     assert int(service["TimeoutStopSec"]) > defaults.shutdown_timeout + defaults.shutdown_delay
-    # a configuration error is not retried in a loop
-    assert service["RestartPreventExitStatus"] == str(cli.EXIT_CONFIG)
+    # a configuration error, or workers that cannot boot, are not retried in a loop
+    assert service["RestartPreventExitStatus"].split() == [str(cli.EXIT_CONFIG), str(EXIT_BOOT)]
+    # systemctl reload: a rolling restart of the workers
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
 
 def test_server_accepts_the_units_command_line(make_server: type[Server]) -> None:
