@@ -113,7 +113,11 @@ def rds() -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def streams(rds: redis.Redis) -> Iterator[list[str]]:
-    """Names of Redis streams a test made; deleted afterwards."""
+    """Names of Redis streams a test made; deleted afterwards.
+
+    Ask for it before ``make_server``, so that the servers stop first (a running consumer
+    would make a deleted stream again).
+    """
     made: list[str] = []
     yield made
     if made:
@@ -314,7 +318,7 @@ def test_all_three_adapters_at_once(srv: Server, rds: redis.Redis) -> None:
 
 
 def test_redisx_entries_written_before_the_server_started_are_delivered(
-    make_server: type[Server], rds: redis.Redis, streams: list[str]
+    streams: list[str], make_server: type[Server], rds: redis.Redis
 ) -> None:
     key, stream = unique("__bcast_test_early"), unique("x-early")
     streams.append(key)
@@ -338,7 +342,7 @@ def test_redisx_entries_written_before_the_server_started_are_delivered(
     assert rds.xinfo_consumers(key, GROUP) == []
 
 
-def test_redisx_two_servers_share_the_group(make_server: type[Server], rds: redis.Redis, streams: list[str]) -> None:
+def test_redisx_two_servers_share_the_group(streams: list[str], make_server: type[Server], rds: redis.Redis) -> None:
     key, stream = unique("__bcast_test_two"), unique("x-two")
     streams.append(key)
     args = (*SINGLE, "--broadcast_adapter=redisx", f"--redisx_stream={key}", f"--redis_url={REDIS_URL}")
@@ -369,7 +373,7 @@ def test_redisx_two_servers_share_the_group(make_server: type[Server], rds: redi
 
 
 def test_redisx_entries_pending_at_a_dead_consumer_are_claimed(
-    make_server: type[Server], rds: redis.Redis, streams: list[str]
+    streams: list[str], make_server: type[Server], rds: redis.Redis
 ) -> None:
     key, stream = unique("__bcast_test_claim"), unique("x-claim")
     streams.append(key)
@@ -436,7 +440,7 @@ def test_remove_stale_consumers_keeps_busy_and_recent_ones(rds: redis.Redis, str
 
 
 def test_redisx_recreates_its_group_when_the_stream_is_deleted(
-    make_server: type[Server], rds: redis.Redis, streams: list[str]
+    streams: list[str], make_server: type[Server], rds: redis.Redis
 ) -> None:
     key, stream = unique("__bcast_test_deleted"), unique("x-deleted")
     streams.append(key)
