@@ -179,7 +179,10 @@ class Config:
 
     # -- broadcasting
     broadcast_adapter: list[str] = _opt(
-        ["http"], "broadcast", "Broadcast adapters, comma-separated", flags=["--broadcast_adapters"]
+        ["http"],
+        "broadcast",
+        "Broadcast adapters, comma-separated: " + ", ".join(BROADCAST_ADAPTERS),
+        flags=["--broadcast_adapters"],
     )
     broadcast_key: str = _opt(
         "",
@@ -195,8 +198,12 @@ class Config:
     )
     http_broadcast_path: str = _opt("/_broadcast", "broadcast", "Path of the HTTP broadcast endpoint")
     http_broadcast_max_body: int = _opt(1048576, "broadcast", "Largest accepted broadcast request body in bytes")
-    redis_channel: str = _opt("__anycable__", "broadcast", "Redis channel of the redis broadcast adapter")
-    redisx_stream: str = _opt("__anycable__", "broadcast", "Redis stream of the redisx broadcast adapter")
+    redis_channel: str = _opt(
+        "__anycable__", "broadcast", "Redis channel of the legacy redis broadcast adapter (PUBLISH, fan-out)"
+    )
+    redisx_stream: str = _opt(
+        "__anycable__", "broadcast", "Redis stream of the redisx broadcast adapter (XADD, consumer group bx)"
+    )
 
     # -- broker
     broker: str = _opt("memory", "broker", "Broker: " + ", ".join(BROKERS), choices=BROKERS)
@@ -231,7 +238,8 @@ class Config:
     redis_keepalive_interval: float = _opt(
         15.0,
         "pubsub",
-        "Seconds of silence on the pub/sub connection before a probe checks it still hears (deaf: reconnect)",
+        "Seconds of silence on a Redis pub/sub connection (--pubsub=redis, the redis broadcast adapter) "
+        "before a probe checks it still hears (deaf: reconnect)",
     )
     node_id: str = _opt("", "pubsub", "Node name in logs and metrics (default: random)")
 
@@ -651,6 +659,12 @@ def _validate_backends(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"--history_overrides: {exc}") from None
     if cfg.pubsub_adapter == "redis" and cfg.broker == "memory" and cfg.workers == 1:
+        if not cfg.pubsub and "redisx" in cfg.broadcast_adapter:
+            raise ConfigError(
+                "--broadcast_adapter=redisx selects --pubsub=redis (each entry reaches one node, which "
+                "fans it out to the others), and --broker=memory keeps offsets in this process only: "
+                "use --broker=redis, or --pubsub=none for a single process"
+            )
         raise ConfigError(
             "--broker=memory keeps offsets and history in this process only; "
             "with --pubsub=redis (several processes or nodes) use --broker=redis"
