@@ -534,6 +534,7 @@ class Node:
                         self._leave(sub.streams.pop(stream))
                         changed = True
             limit = self.cfg.max_subscription_streams
+            new: list[str] = []
             for stream in result.streams:
                 if stream not in sub.streams:
                     if limit and len(sub.streams) >= limit:
@@ -545,7 +546,12 @@ class Node:
                         )
                         continue
                     sub.streams[stream] = self._join(session, sub.identifier, stream, held)
+                    new.append(stream)
                     changed = True
+            if new:
+                # the client is told it is subscribed only once this worker gets the
+                # stream's live messages (a no-op for a stream it already follows)
+                self.pubsub.wait_subscribed(new, SUBSCRIBE_WAIT)
             changed = _merge(sub.istate, result.istate) or changed
         changed = _merge(session.env.cstate, result.cstate) or changed
         for text in result.transmissions:

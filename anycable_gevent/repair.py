@@ -3,8 +3,9 @@
 Redis pub/sub is at-most-once: a message can be lost between Redis and a worker (a
 reconnect, a client-output-buffer limit, a worker too busy to read). The broker has
 every registered message, so a worker that sees offset n+2 of a stream after n fetches
-n+1 from the broker and delivers it first; a duplicate (offset at or below the last one
-delivered) is dropped. A message lost at the tail of a stream is followed by nothing
+n+1 from the broker and delivers it first; what is at or below the last offset passed on is a
+duplicate at most, and the hub, which keeps each subscriber's position, drops it for
+those who have it. A message lost at the tail of a stream is followed by nothing
 that would reveal it, so the worker also compares its streams with the broker
 (``peaks``: epoch and last offset) after every resubscribe and on a slow periodic check,
 and delivers what is missing.
@@ -111,6 +112,11 @@ class Sequencer:
             else:
                 if peak is not None:
                     t.epoch, t.last = peak
+                    # what arrived since the subscription was confirmed is live for this
+                    # worker even when the broker's top already counts it
+                    held = [m.offset for m in t.held if m.epoch == t.epoch and m.offset]
+                    if held:
+                        t.last = min(t.last, min(held) - 1)
                 else:
                     t.empty = True
         finally:
@@ -143,7 +149,12 @@ class Sequencer:
                 t.epoch, t.last = msg.epoch, msg.offset - 1
             t.empty = False
         if msg.offset <= t.last:
+            # At or below what this worker counts as delivered: a duplicate of a fill, or a
+            # message that was still on its way when the starting point was read. The hub
+            # keeps each subscriber's own position and drops what that one already has,
+            # so it is passed on rather than guessed at here.
             self.metrics.counters["pubsub_duplicates_total"] += 1
+            self._offer(msg, None)
             return
         if msg.offset > t.last + 1 and not allow_gaps:
             self._fill(t, msg)
