@@ -565,6 +565,9 @@ def decode_pubsub(raw: bytes | str) -> StreamMessage | RemoteCommand:
         raise ProtocolError(f"pub/sub message is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("pub/sub message must be an object")
+    # as strict as the publication parser: a string that cannot be encoded would fail
+    # the fan-out of a whole batch later, far from here
+    _check_unicode(raw, obj)
     if "command" in obj:
         payload = obj.get("payload")
         if obj["command"] != "disconnect" or not isinstance(payload, dict):
