@@ -367,12 +367,34 @@ class Config:
 
 
 def safe_url(url: str) -> str:
-    """The URL without user and password (for logs, the banner and errors)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    """The URL without user and password (for logs, the banner and errors).
+
+    Also for text that is not a valid URL (``redis://u:p@[bad``) and for a password
+    that was not percent-encoded and so ends the authority early (``redis://u:pa/ss@h``):
+    everything up to the last ``@`` is hidden then.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is not None and "@" in parts.netloc:
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    if "@" not in url:
         return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}" if sep else "***@" + url.rsplit("@", 1)[1]
+
+
+def _check_url(option: str, url: str, schemes: tuple[str, ...], hint: str) -> None:
+    """A URL option parses, has one of ``schemes`` and a valid port (errors never show credentials)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"--{option}: invalid URL {safe_url(url)!r} ({exc})") from None
+    if parts.scheme not in schemes:
+        raise ConfigError(f"--{option}: unsupported scheme in {safe_url(url)!r} ({hint})")
 
 
 def _none(value: str) -> str:
@@ -656,23 +678,15 @@ def _validate_backends(cfg: Config) -> None:
         "--redis_prefix: must not contain { or } (they make Redis Cluster hash tags)",
     )
 
-    url = urlsplit(cfg.redis_url)
-    _check(
-        url.scheme in ("redis", "rediss", "unix"),
-        f"--redis_url: unsupported scheme in {safe_url(cfg.redis_url)!r} (use redis://, rediss:// or unix://)",
-    )
-    try:
-        _ = url.port
-    except ValueError:
-        raise ConfigError(f"--redis_url: invalid port in {url.scheme}://{url.hostname or ''}") from None
-
+    _check_url("redis_url", cfg.redis_url, ("redis", "rediss", "unix"), "use redis://, rediss:// or unix://")
     if cfg.rpc_host:
-        scheme = urlsplit(cfg.rpc_host).scheme
-        if scheme not in ("http", "https"):
-            raise ConfigError(
-                f"--rpc_host: {cfg.rpc_host!r} is not an HTTP URL; gRPC is not supported, "
-                "use AnyCable HTTP RPC (e.g. --rpc_host=http://localhost:3000/_anycable)"
-            )
+        _check_url(
+            "rpc_host",
+            cfg.rpc_host,
+            ("http", "https"),
+            "not an HTTP URL; gRPC is not supported, use AnyCable HTTP RPC "
+            "(e.g. --rpc_host=http://localhost:3000/_anycable)",
+        )
     _check(cfg.rpc_impl != "grpc", "--rpc_impl=grpc is not supported; use http")
     _check(not (cfg.rpc_impl == "http" and not cfg.rpc_host), "--rpc_impl=http needs --rpc_host")
     _check(cfg.rpc_concurrency >= 0, f"--rpc_concurrency: must be >= 0, got {cfg.rpc_concurrency}")
