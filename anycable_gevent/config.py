@@ -533,6 +533,15 @@ def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
             value = str(raw)
     except ValueError as exc:
         raise ConfigError(f"--{name}: invalid value {raw!r} ({exc})") from None
+    # Bytes of argv or the environment that are not UTF-8 arrive as lone surrogates; such
+    # a value (a secret, a path, a stream pattern) would fail far from here, when encoded.
+    # Not echoed: it may be a secret.
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ConfigError(f"--{name}: the value is not valid UTF-8 text") from None
     choices = f.metadata["choices"]
     if choices is not None and value not in choices:
         later = LATER.get(name, ())

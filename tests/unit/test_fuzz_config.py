@@ -85,7 +85,8 @@ def test_random_options_give_a_config_or_a_config_error(opts: tuple[list[str], d
     if isinstance(result, ConfigError):
         message = str(result)
         assert message and "\n" not in message, message  # the CLI prints it as one line
-        assert "s3cret" not in message  # credentials of a URL are never echoed
+        # credentials of a URL option are never echoed (other options echo their bad value)
+        assert "s3cret" not in message or not message.startswith(("--redis_url", "--rpc_host")), message
         return
     # a Config that loads also gives its derived values without error
     assert isinstance(result, Config)
