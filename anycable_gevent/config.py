@@ -14,6 +14,7 @@ Validation happens here, before anything binds a socket: a bad value raises
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import sys
 from collections.abc import Sequence
@@ -391,8 +392,10 @@ def _check_url(option: str, url: str, schemes: tuple[str, ...], hint: str) -> No
     try:
         parts = urlsplit(url)
         _ = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"--{option}: invalid URL {safe_url(url)!r} ({exc})") from None
+    except ValueError:
+        # not the parser's message: it quotes the port text, which may be a password
+        # that ended the authority early (redis://user:pa/ss@host)
+        raise ConfigError(f"--{option}: invalid URL {safe_url(url)!r} (check its host and port)") from None
     if parts.scheme not in schemes:
         raise ConfigError(f"--{option}: unsupported scheme in {safe_url(url)!r} ({hint})")
 
@@ -738,8 +741,7 @@ def warnings(cfg: Config) -> list[str]:
         out.append("--public: every connection is accepted, every stream is public, broadcasts need no key")
     elif cfg.noauth:
         out.append("--noauth: every connection is accepted without authentication")
-    loopback = cfg.host in ("localhost", "127.0.0.1", "::1")
-    if "http" in cfg.broadcast_adapter and not cfg.broadcast_auth_key and not loopback:
+    if "http" in cfg.broadcast_adapter and not cfg.broadcast_auth_key and not is_loopback(cfg.host):
         out.append(
             f"the broadcast endpoint on {cfg.host}:{cfg.broadcast_port}{cfg.http_broadcast_path} accepts "
             "publications without a key; set --broadcast_key or --secret, or bind to a loopback host"
@@ -749,6 +751,16 @@ def warnings(cfg: Config) -> list[str]:
     if cfg.metrics_port and not cfg.metrics_http:
         out.append("--metrics_port has no effect without --metrics_http")
     return out
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host only this machine can reach: ``localhost``, 127.0.0.0/8, ``::1``."""
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def settings_table() -> list[dict[str, Any]]:
