@@ -32,6 +32,8 @@ URLS = st.sampled_from(
         "http://[x",
         "http://u:p@h:1/_anycable",
         "grpc://u:p@h",
+        "http://user:s3cret/x@127.0.0.1",
+        "redis://user:s3cret#x@127.0.0.1:1",
         "http://h:-1",
         "://",
     ]
