@@ -210,6 +210,7 @@ def near_misses(key: str) -> list[str]:
         f"Bearer {key[:-1]}",  # a prefix
         f"Bearer {key[:8]}",
         f"Bearer {key}x",  # the key is a prefix of it
+        f"Bearer {key.upper()}",
         f"Bearer {key[:-1]}é",  # a non-ASCII last byte
         f"bearer {key}",
         f"Bearer  {key}",
