@@ -80,7 +80,12 @@ def warnings(cfg: Config, ports: dict[int, Listen]) -> list[str]:
             f"metrics are served on {cfg.host}:{cfg.metrics_port or cfg.port}"
         )
     nofile = open_file_limit()
-    if 0 <= nofile < LOW_FILE_LIMIT:
+    if 0 <= nofile < cfg.max_conn:
+        out.append(
+            f"open file limit is {nofile}, below --max_conn={cfg.max_conn}: connections will fail before "
+            "the limit; raise it (ulimit -n, or LimitNOFILE= in the systemd unit)"
+        )
+    elif 0 <= nofile < LOW_FILE_LIMIT:
         out.append(
             f"open file limit is {nofile}: each connection uses one, so at most ~{nofile} clients; "
             "raise it (ulimit -n, or LimitNOFILE= in the systemd unit)"

@@ -8,10 +8,22 @@ here, and :mod:`anycable_gevent.worker` patches and serves them.
 
 from __future__ import annotations
 
+import resource
 import sys
 from collections.abc import Sequence
 
 from anycable_gevent.errors import EXIT_CONFIG
+
+
+def raise_open_file_limit() -> None:
+    """Each connection holds a file descriptor: use all the system allows (soft limit = hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -25,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
 
     log.setup(cfg.level, cfg.log_format, cfg.node_id)
+    raise_open_file_limit()
     ports = listeners.plan(cfg)
     try:
         sockets = listeners.bind(cfg, ports)

@@ -132,6 +132,12 @@ class Config:
         "ws",
         "Channel subscriptions one connection may hold; more get reject_subscription (0 = unlimited)",
     )
+    max_subscription_streams: int = _opt(
+        1024, "ws", "Streams one subscription may follow; more are not started and are logged (0 = unlimited)"
+    )
+    max_history_messages: int = _opt(
+        10000, "ws", "Most messages in one history reply; a larger one gets reject_history (0 = unlimited)"
+    )
     ws_write_timeout: float = _opt(2.0, "ws", "Seconds a write to a client may block before it is dropped")
     ws_max_pending_size: int = _opt(
         1048576,
@@ -174,7 +180,10 @@ class Config:
 
     # -- broadcasting
     broadcast_adapter: list[str] = _opt(
-        ["http"], "broadcast", "Broadcast adapters, comma-separated", flags=["--broadcast_adapters"]
+        ["http"],
+        "broadcast",
+        "Broadcast adapters, comma-separated: " + ", ".join(BROADCAST_ADAPTERS),
+        flags=["--broadcast_adapters"],
     )
     broadcast_key: str = _opt(
         "",
@@ -190,8 +199,12 @@ class Config:
     )
     http_broadcast_path: str = _opt("/_broadcast", "broadcast", "Path of the HTTP broadcast endpoint")
     http_broadcast_max_body: int = _opt(1048576, "broadcast", "Largest accepted broadcast request body in bytes")
-    redis_channel: str = _opt("__anycable__", "broadcast", "Redis channel of the redis broadcast adapter")
-    redisx_stream: str = _opt("__anycable__", "broadcast", "Redis stream of the redisx broadcast adapter")
+    redis_channel: str = _opt(
+        "__anycable__", "broadcast", "Redis channel of the legacy redis broadcast adapter (PUBLISH, fan-out)"
+    )
+    redisx_stream: str = _opt(
+        "__anycable__", "broadcast", "Redis stream of the redisx broadcast adapter (XADD, consumer group bx)"
+    )
 
     # -- broker
     broker: str = _opt("memory", "broker", "Broker: " + ", ".join(BROKERS), choices=BROKERS)
@@ -226,7 +239,8 @@ class Config:
     redis_keepalive_interval: float = _opt(
         15.0,
         "pubsub",
-        "Seconds of silence on the pub/sub connection before a probe checks it still hears (deaf: reconnect)",
+        "Seconds of silence on a Redis pub/sub connection (--pubsub=redis, the redis broadcast adapter) "
+        "before a probe checks it still hears (deaf: reconnect)",
     )
     node_id: str = _opt("", "pubsub", "Node name in logs and metrics (default: random)")
 
@@ -642,6 +656,8 @@ def _validate_runtime(cfg: Config) -> None:
     _check(cfg.ws_max_fragments >= 0, f"--ws_max_fragments: must be >= 0, got {cfg.ws_max_fragments}")
     _check(cfg.ws_frame_timeout >= 0, f"--ws_frame_timeout: must be >= 0, got {cfg.ws_frame_timeout:g}")
     _check(cfg.max_subscriptions >= 0, f"--max_subscriptions: must be >= 0, got {cfg.max_subscriptions}")
+    for name in ("max_subscription_streams", "max_history_messages"):
+        _check(getattr(cfg, name) >= 0, f"--{name}: must be >= 0, got {getattr(cfg, name)}")
     _check(cfg.ws_write_timeout > 0, f"--ws_write_timeout: must be > 0 seconds, got {cfg.ws_write_timeout:g}")
     _check(cfg.ws_max_pending_size >= 0, f"--ws_max_pending_size: must be >= 0, got {cfg.ws_max_pending_size}")
     _check(not cfg.enable_ws_compression, "--enable_ws_compression: per-message deflate is not supported")
@@ -677,6 +693,12 @@ def _validate_backends(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"--history_overrides: {exc}") from None
     if cfg.pubsub_adapter == "redis" and cfg.broker == "memory" and cfg.workers == 1:
+        if not cfg.pubsub and "redisx" in cfg.broadcast_adapter:
+            raise ConfigError(
+                "--broadcast_adapter=redisx selects --pubsub=redis (each entry reaches one node, which "
+                "fans it out to the others), and --broker=memory keeps offsets in this process only: "
+                "use --broker=redis, or --pubsub=none for a single process"
+            )
         raise ConfigError(
             "--broker=memory keeps offsets and history in this process only; "
             "with --pubsub=redis (several processes or nodes) use --broker=redis"

@@ -66,6 +66,9 @@ COUNTERS: dict[str, str] = {
     "ws_fragment_limit_total": "The total number of connections closed for a message of too many fragments (1008)",
     "ws_frame_timeouts_total": "The total number of connections closed for a frame not finished in time (1008)",
     "subscriptions_refused_total": "The total number of subscriptions refused by --max_subscriptions",
+    "streams_refused_total": "The total number of streams not started: over --max_subscription_streams",
+    "history_refused_total": "The total number of history replies refused: over --max_history_messages",
+    "no_pong_disconnects_total": "The total number of clients disconnected for not answering pings (--pong_timeout)",
 }
 
 #: Gauge name -> help text.

@@ -286,6 +286,7 @@ class Node:
             self.disconnector.push(self.connection(session), list(session.subscriptions), istates)
 
     def _no_pong(self, session: Session) -> None:
+        self.metrics.inc("no_pong_disconnects_total")
         session.close(protocol.CLOSE_NORMAL, "No Pong", protocol.disconnect(protocol.NO_PONG, True))
 
     def _commit(self, session: Session) -> None:
@@ -508,8 +509,17 @@ class Node:
                     if stream in sub.streams:
                         self._leave(sub.streams.pop(stream))
                         changed = True
+            limit = self.cfg.max_subscription_streams
             for stream in result.streams:
                 if stream not in sub.streams:
+                    if limit and len(sub.streams) >= limit:
+                        self.metrics.inc("streams_refused_total")
+                        log.warning(
+                            "stream not started: subscription at --max_subscription_streams=%d conn=%s",
+                            limit,
+                            session.ref,
+                        )
+                        continue
                     sub.streams[stream] = self._join(session, sub.identifier, stream, held)
                     changed = True
             changed = _merge(sub.istate, result.istate) or changed
@@ -609,6 +619,15 @@ class Node:
                 hub.release(ss)
             return
         if session.closed:
+            return
+        limit = self.cfg.max_history_messages
+        if limit and sum(len(msgs) for _, msgs, _ in plans) > limit:
+            # all or nothing: the client gets history_not_found and goes on live
+            self.metrics.inc("history_refused_total")
+            log.info("history reply over --max_history_messages=%d conn=%s", limit, session.ref)
+            session.write_text(protocol.reject_history(identifier))
+            for _, ss in subs:
+                hub.release(ss)
             return
         for ss, msgs, known in plans:
             self._send_history(session, ss, msgs, known)

@@ -56,6 +56,8 @@ class _ErrorLog:
 
 #: Seconds between heartbeats of a forked worker.
 HEARTBEAT_INTERVAL = 1.0
+#: Seconds a booting worker waits for its Redis connections before it serves anyway.
+READY_WAIT = 5.0
 
 
 class Server:
@@ -116,6 +118,7 @@ class Server:
         else:
             gevent.signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
         self.graph.start()
+        self._await_ready()
         level = logging.INFO if self.index == 0 else logging.DEBUG
         for line in self.graph.announce():
             log.log(level, "%s", line)
@@ -132,6 +135,16 @@ class Server:
             self._pulse = every(HEARTBEAT_INTERVAL, self._beat, "heartbeat")
         if self.forked:
             log.info("worker serving index=%d", self.index)
+
+    def _await_ready(self) -> None:
+        """Give Redis a moment: a worker that accepts before its pub/sub listens answers
+        /health with 503 (and, in a rolling restart, would replace a healthy worker).
+        A Redis that stays away does not stop the boot: the worker serves and says so."""
+        deadline = time.monotonic() + READY_WAIT
+        while self.graph.problems() and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        for problem in self.graph.problems():
+            log.warning("serving without: %s", problem)
 
     def _beat(self) -> None:
         assert self.heartbeat is not None

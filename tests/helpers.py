@@ -74,8 +74,10 @@ class Server:
         nofile: int | None = None,
     ) -> None:
         self.port = free_port()
-        #: open-files limit of the server process (None = inherited)
+        #: open-files limit of the server process (None = inherited); start_limits sets
+        #: soft and hard apart
         self.nofile = nofile
+        self.start_limits: tuple[int, int] | None = (nofile, nofile) if nofile is not None else None
         self.broadcast_port = broadcast_port or free_port()
         self.args = list(args)
         if not any(a.startswith("--http_broadcast_port") for a in self.args):
@@ -107,11 +109,11 @@ class Server:
     def start(self, timeout: float = 15.0, healthy: bool = True) -> Server:
         """Start and wait until ``/health`` answers 200 (with ``healthy=False``: answers at all)."""
         cmd = [sys.executable, "-m", "anycable_gevent", "--host=127.0.0.1", f"--port={self.port}", *self.args]
-        nofile = self.nofile
+        start_limits = self.start_limits
 
         def limits() -> None:
-            if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            if start_limits is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, start_limits)
 
         self.proc = subprocess.Popen(
             cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, preexec_fn=limits

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from helpers import EXT, Client, RawWS, Server, close_of, connected, pubsub_id, request
+from rpc_backend import PyBackend, Reply, Request, welcome_script
 
 
 def welcome_over(ws: RawWS) -> dict[str, Any]:
@@ -577,3 +578,57 @@ def test_ordinary_clients_are_unaffected_by_all_of_the_above(quiet_server: Serve
         assert status == 200
         for o in offenders:
             o.close()
+
+
+# ---------------------------------------------------------------------- more limits
+
+
+def test_streams_per_subscription_are_limited(make_server: type[Server]) -> None:
+    ident = '{"channel":"ManyStreams"}'
+
+    def script(req: Request) -> Reply:
+        if req.method == "command" and req.body.get("command") == "subscribe":
+            return Reply(
+                {
+                    "status": 1,
+                    "streams": [f"many/{i}" for i in range(50)],
+                    "transmissions": [json.dumps({"identifier": ident, "type": "confirm_subscription"})],
+                }
+            )
+        return welcome_script(req)
+
+    with PyBackend(script) as backend:
+        srv = make_server(f"--rpc_host={backend.rpc_host}", "--max_subscription_streams=10", "--metrics_http=/metrics")
+        srv.start()
+        with connected(srv, protocol=EXT) as c:
+            assert c.subscribe(ident)["type"] == "confirm_subscription"
+            srv.publish("many/9", "kept")
+            assert c.recv()["message"] == "kept"
+            srv.publish("many/10", "dropped")
+            c.nothing(0.5)
+        assert counter(srv, "streams_refused_total") == 40
+
+
+def test_a_history_reply_over_the_limit_is_rejected(make_server: type[Server]) -> None:
+    srv = make_server("--public_streams", "--noauth", "--max_history_messages=10", "--metrics_http=/metrics").start()
+    for i in range(30):
+        srv.publish("long/history", i)
+    with connected(srv, protocol=EXT) as c:
+        assert c.subscribe(pubsub_id("long/history"))["type"] == "confirm_subscription"
+        c.send({"command": "history", "identifier": pubsub_id("long/history"), "history": {"since": 1}})
+        assert c.recv() == {"type": "reject_history", "identifier": pubsub_id("long/history")}
+        srv.publish("long/history", "live")
+        assert c.recv()["message"] == "live"  # still subscribed, live goes on
+    assert counter(srv, "history_refused_total") == 1
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit(make_server: type[Server]) -> None:
+    srv = make_server("--public_streams", "--noauth", "--max_conn=3000")
+    srv.start_limits = (1024, 2048)  # soft, hard
+    srv.start()
+    assert srv.proc is not None
+    with open(f"/proc/{srv.proc.pid}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    assert soft == hard == "2048"
+    assert "open file limit is 2048, below --max_conn=3000" in srv.output()

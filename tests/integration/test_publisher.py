@@ -1,8 +1,9 @@
 """The publisher against real services: the server's ``/_broadcast`` over HTTP, and Redis.
 
-The server does not consume Redis broadcasts yet, so the Redis publishers are checked at
-Redis itself (``REDIS_URL``, default ``redis://127.0.0.1:6379``): the XADD entry holds the
-exact publication under ``payload``, and a subscriber of the channel receives the PUBLISH.
+The Redis publishers are checked at Redis itself (``REDIS_URL``, default
+``redis://127.0.0.1:6379``): the XADD entry holds the exact publication under ``payload``,
+and a subscriber of the channel receives the PUBLISH; and end to end, through a server
+that consumes both (``--broadcast_adapter=redisx,redis``) to a WebSocket subscriber.
 Every key and channel name is unique to its test and deleted afterwards.
 """
 
@@ -241,3 +242,69 @@ def test_redis_unreachable_raises_publisher_unavailable() -> None:
         with pytest.raises(PublisherUnavailable, match="Redis is unreachable"):
             pub.broadcast("s", 1)
     client.close()
+
+
+# ---------------------------------------------------------------------- Redis, real server
+
+REDISX_STREAM, REDIS_CHANNEL = unique("__anycable_test_x"), unique("__anycable_test_c")
+
+
+@pytest.fixture(scope="module")
+def redis_srv() -> Iterator[Server]:
+    """Consumes the Redis publishers' stream and channel (single node: memory broker)."""
+    with Server(
+        f"--secret={SECRET}",
+        "--public_streams",
+        "--broadcast_adapter=redisx,redis",
+        "--broker=memory",
+        "--pubsub=none",
+        f"--redisx_stream={REDISX_STREAM}",
+        f"--redis_channel={REDIS_CHANNEL}",
+        f"--redis_url={REDIS_URL}",
+        f"--redis_prefix={unique('pubtest')}:",
+    ) as s:
+        yield s
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(REDISX_STREAM)
+    client.close()
+
+
+def test_redisx_publisher_reaches_a_subscriber_through_the_server(redis_srv: Server, rds: redis.Redis) -> None:
+    stream = unique()
+    who = {"user": unique("u")}
+    with subscriber(redis_srv, stream) as c, subscriber(redis_srv, stream, who) as leaving:
+        with RedisStreamPublisher(REDIS_URL, stream=REDISX_STREAM) as p:
+            p.broadcast(stream, {"text": "hi"})
+            with p.batch() as batch:
+                batch.broadcast(stream, "second")
+                batch.broadcast(stream, "third", transient=True)
+            p.disconnect(who, reconnect=False)
+        frames = [c.recv() for _ in range(3)]
+        assert [(f["message"], f.get("offset")) for f in frames] == [
+            ({"text": "hi"}, 1),
+            ("second", 2),
+            ("third", None),
+        ]
+        assert frames[0]["stream_id"] == stream and frames[0]["epoch"]
+        assert close_of(leaving)[:2] == (1000, "Closed remotely")
+    deadline = time.monotonic() + 5
+    while rds.xlen(REDISX_STREAM) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rds.xlen(REDISX_STREAM) == 0  # the server acknowledged and deleted every entry
+
+
+def test_redis_publisher_reaches_a_subscriber_through_the_server(redis_srv: Server) -> None:
+    stream = unique()
+    who = {"user": unique("u")}
+    with subscriber(redis_srv, stream) as c, subscriber(redis_srv, stream, who) as leaving:
+        with RedisPublisher(REDIS_URL, channel=REDIS_CHANNEL) as p:
+            p.broadcast(stream, {"text": "hi"}, exclude_socket=leaving.welcome["sid"])  # type: ignore[index]
+            p.disconnect(who)
+        # fanned out without registration: no offset, no epoch
+        assert c.recv() == {"identifier": pubsub_id(stream), "message": {"text": "hi"}}
+        code, reason, frames = close_of(leaving)
+        assert (code, reason, frames) == (
+            1000,
+            "Closed remotely",
+            [{"type": "disconnect", "reason": "remote", "reconnect": True}],
+        )

@@ -345,6 +345,14 @@ def test_broadcast_port_from_env_key() -> None:
 # ---------------------------------------------------------------------- errors
 
 
+def test_redis_broadcast_adapters_in_one_process() -> None:
+    cfg = load(["--broadcast_adapter=http,redisx,redis", "--pubsub=none"])
+    assert cfg.broadcast_adapter == ["http", "redisx", "redis"]
+    assert cfg.pubsub_adapter == "none"
+    # the legacy adapter is fan-out: it needs no pub/sub of its own
+    assert load(["--broadcast_adapter=redis"]).pubsub_adapter == "none"
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "names"),
     [
@@ -358,7 +366,9 @@ def test_broadcast_port_from_env_key() -> None:
         (["--broker=foo"], {}, ["--broker"]),
         (["--broker=redis"], {}, ["--broker", "redis"]),
         (["--broadcast_adapter=foo"], {}, ["--broadcast_adapter"]),
-        (["--broadcast_adapter=http,redis"], {}, ["--broadcast_adapter", "redis"]),
+        (["--broadcast_adapter=http,nats"], {}, ["--broadcast_adapter", "nats"]),
+        # redisx picks the Redis pub/sub, which the memory broker (one process) cannot use
+        (["--broadcast_adapter=redisx"], {}, ["--broadcast_adapter=redisx", "--pubsub=none", "--broker=redis"]),
         (["--pubsub=redis"], {}, ["--pubsub"]),
         (["--workers=2"], {}, ["--workers"]),
         (["--workers=0"], {}, ["--workers"]),
