@@ -64,6 +64,16 @@ def process_lines(cfg: Config, ports: dict[int, Listen], runtime: str = "") -> l
 def warnings(cfg: Config, ports: dict[int, Listen]) -> list[str]:
     """Risky settings: config.warnings() plus what only the running process can see."""
     out = config.warnings(cfg)
+    if cfg.metrics_http:
+        port = cfg.metrics_port or cfg.port
+        host = ports[port].host
+        if not config.is_loopback(host):
+            # Metrics have no key: anyone who reaches the port reads them.
+            out.append(
+                f"the metrics endpoint on {host}:{port}{cfg.metrics_http} answers anyone without a key; "
+                "give it a --metrics_port of its own on a private or loopback --metrics_host, "
+                "or keep the port off the public network"
+            )
     if cfg.metrics_host and cfg.metrics_http and not ports[cfg.metrics_port or cfg.port].metrics_only:
         out.append(
             "--metrics_host applies only with a --metrics_port of its own; "

@@ -14,6 +14,7 @@ Validation happens here, before anything binds a socket: a bad value raises
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import sys
 from collections.abc import Sequence
@@ -381,12 +382,36 @@ class Config:
 
 
 def safe_url(url: str) -> str:
-    """The URL without user and password (for logs, the banner and errors)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    """The URL without user and password (for logs, the banner and errors).
+
+    Also for text that is not a valid URL (``redis://u:p@[bad``) and for a password
+    that was not percent-encoded and so ends the authority early (``redis://u:pa/ss@h``):
+    everything up to the last ``@`` is hidden then.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is not None and "@" in parts.netloc:
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    if "@" not in url:
         return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}" if sep else "***@" + url.rsplit("@", 1)[1]
+
+
+def _check_url(option: str, url: str, schemes: tuple[str, ...], hint: str) -> None:
+    """A URL option parses, has one of ``schemes`` and a valid port (errors never show credentials)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        # not the parser's message: it quotes the port text, which may be a password
+        # that ended the authority early (redis://user:pa/ss@host)
+        raise ConfigError(f"--{option}: invalid URL {safe_url(url)!r} (check its host and port)") from None
+    if parts.scheme not in schemes:
+        raise ConfigError(f"--{option}: unsupported scheme in {safe_url(url)!r} ({hint})")
 
 
 def _none(value: str) -> str:
@@ -525,6 +550,15 @@ def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
             value = str(raw)
     except ValueError as exc:
         raise ConfigError(f"--{name}: invalid value {raw!r} ({exc})") from None
+    # Bytes of argv or the environment that are not UTF-8 arrive as lone surrogates; such
+    # a value (a secret, a path, a stream pattern) would fail far from here, when encoded.
+    # Not echoed: it may be a secret.
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ConfigError(f"--{name}: the value is not valid UTF-8 text") from None
     choices = f.metadata["choices"]
     if choices is not None and value not in choices:
         later = LATER.get(name, ())
@@ -678,23 +712,15 @@ def _validate_backends(cfg: Config) -> None:
         "--redis_prefix: must not contain { or } (they make Redis Cluster hash tags)",
     )
 
-    url = urlsplit(cfg.redis_url)
-    _check(
-        url.scheme in ("redis", "rediss", "unix"),
-        f"--redis_url: unsupported scheme in {safe_url(cfg.redis_url)!r} (use redis://, rediss:// or unix://)",
-    )
-    try:
-        _ = url.port
-    except ValueError:
-        raise ConfigError(f"--redis_url: invalid port in {url.scheme}://{url.hostname or ''}") from None
-
+    _check_url("redis_url", cfg.redis_url, ("redis", "rediss", "unix"), "use redis://, rediss:// or unix://")
     if cfg.rpc_host:
-        scheme = urlsplit(cfg.rpc_host).scheme
-        if scheme not in ("http", "https"):
-            raise ConfigError(
-                f"--rpc_host: {cfg.rpc_host!r} is not an HTTP URL; gRPC is not supported, "
-                "use AnyCable HTTP RPC (e.g. --rpc_host=http://localhost:3000/_anycable)"
-            )
+        _check_url(
+            "rpc_host",
+            cfg.rpc_host,
+            ("http", "https"),
+            "not an HTTP URL; gRPC is not supported, use AnyCable HTTP RPC "
+            "(e.g. --rpc_host=http://localhost:3000/_anycable)",
+        )
     _check(cfg.rpc_impl != "grpc", "--rpc_impl=grpc is not supported; use http")
     _check(not (cfg.rpc_impl == "http" and not cfg.rpc_host), "--rpc_impl=http needs --rpc_host")
     _check(cfg.rpc_concurrency >= 0, f"--rpc_concurrency: must be >= 0, got {cfg.rpc_concurrency}")
@@ -737,8 +763,7 @@ def warnings(cfg: Config) -> list[str]:
         out.append("--public: every connection is accepted, every stream is public, broadcasts need no key")
     elif cfg.noauth:
         out.append("--noauth: every connection is accepted without authentication")
-    loopback = cfg.host in ("localhost", "127.0.0.1", "::1")
-    if "http" in cfg.broadcast_adapter and not cfg.broadcast_auth_key and not loopback:
+    if "http" in cfg.broadcast_adapter and not cfg.broadcast_auth_key and not is_loopback(cfg.host):
         out.append(
             f"the broadcast endpoint on {cfg.host}:{cfg.broadcast_port}{cfg.http_broadcast_path} accepts "
             "publications without a key; set --broadcast_key or --secret, or bind to a loopback host"
@@ -748,6 +773,16 @@ def warnings(cfg: Config) -> list[str]:
     if cfg.metrics_port and not cfg.metrics_http:
         out.append("--metrics_port has no effect without --metrics_http")
     return out
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host only this machine can reach: ``localhost``, 127.0.0.0/8, ``::1``."""
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def settings_table() -> list[dict[str, Any]]:

@@ -54,9 +54,18 @@ def split_fields(message: str) -> tuple[str, dict[str, Any]]:
     return message[: keys[0].start()].strip(), fields
 
 
+#: Control characters and Unicode line breaks as visible escapes, tab excepted.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x09}
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
 def _one_line(text: str) -> str:
-    # A value taken from a request (a stream name, an error text) must not forge log lines.
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    # A value taken from a request (a stream name, an identifier, an error text) must not
+    # forge log lines: not with a line break (\n, \r, \v, \f, \x1c-\x1e, \x85, \u2028,
+    # \u2029 all end a line for some reader) nor with terminal escapes (\x1b).
+    if text.isprintable():
+        return text  # the common case, checked in C
+    return text.translate(_ESCAPES)
 
 
 class TextFormatter(logging.Formatter):

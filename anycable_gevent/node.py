@@ -402,7 +402,8 @@ class Node:
             return
         session.note_interest(result.interest)
         if result.status == Status.ERROR:
-            log.warning("subscribe error conn=%s identifier=%s error=%s", session.ref, identifier, result.error)
+            # the identifier is the client's (up to --max_message_size): bounded in the log
+            log.warning("subscribe error conn=%s identifier=%s error=%s", session.ref, identifier[:200], result.error)
             return
         history = cmd.history if cmd.history is not None and not cmd.history.empty else None
         if result.status == Status.SUCCESS:

@@ -472,6 +472,11 @@ def _stream_message(obj: dict[str, Any], where: str) -> StreamMessage:
     return StreamMessage(stream=stream, data=data, exclude_socket=exclude, transient=transient)
 
 
+def _clip(text: str, limit: int = 100) -> str:
+    """Client input quoted in an error: bounded (it goes to a log line and a 422 body)."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def decode_publication(body: bytes | str) -> Publication:
     """Parse a broadcast body: one message, a batch, or a remote command (SPEC §6.1).
 
@@ -502,7 +507,7 @@ def decode_publication(body: bytes | str) -> Publication:
     command = obj.get("command")
     if command:
         if command != "disconnect":
-            raise ProtocolError(f"unknown command {command!r} (only 'disconnect' is supported)")
+            raise ProtocolError(f"unknown command {_clip(repr(command))} (only 'disconnect' is supported)")
         payload = obj.get("payload")
         if not isinstance(payload, dict):
             raise ProtocolError("payload must be an object")
@@ -565,6 +570,9 @@ def decode_pubsub(raw: bytes | str) -> StreamMessage | RemoteCommand:
         raise ProtocolError(f"pub/sub message is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("pub/sub message must be an object")
+    # as strict as the publication parser: a string that cannot be encoded would fail
+    # the fan-out of a whole batch later, far from here
+    _check_unicode(raw, obj)
     if "command" in obj:
         payload = obj.get("payload")
         if obj["command"] != "disconnect" or not isinstance(payload, dict):

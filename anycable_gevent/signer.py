@@ -25,8 +25,9 @@ def verify(signed: str, secret: str) -> str | None:
         return None
     encoded, digest = parts
     expected = hmac.new(secret.encode(), encoded.encode(), hashlib.sha256).hexdigest()
-    # bytes: compare_digest refuses non-ASCII str, and the digest comes from the client
-    if not hmac.compare_digest(expected.encode(), digest.lower().encode()):
+    # bytes: compare_digest refuses non-ASCII str, and the digest comes from the client.
+    # Lowercase hex only, as Rails and anycable-go compare it: one spelling per signed name.
+    if not hmac.compare_digest(expected.encode(), digest.encode()):
         return None
     try:
         value = json.loads(base64.b64decode(encoded, validate=True))

@@ -25,6 +25,7 @@ Nothing here knows the node: the endpoint is a callable in the WSGI environ's di
 
 from __future__ import annotations
 
+import base64
 import binascii
 import errno
 import logging
@@ -380,12 +381,43 @@ class CableHandler(WebSocketHandler):
         if self.request_version != "HTTP/1.1":
             self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
             return [b"WebSocket upgrade needs HTTP/1.1"]
+        refusal = self._check_handshake()
+        if refusal is not None:
+            return refusal
         try:
             result = super().upgrade_websocket()
         except binascii.Error:
             self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
             return [b"Invalid Sec-WebSocket-Key"]
         return [part.encode() if isinstance(part, str) else part for part in result] if result else result
+
+    def _check_handshake(self) -> list[bytes] | None:
+        """Refuse a bad ``Sec-WebSocket-Version`` or ``-Key`` with a fixed text.
+
+        gevent-websocket would answer them with the client's own header value in the
+        body (``Invalid key: <whatever was sent>``); no error answer here ever echoes
+        what a client sent.
+        """
+        environ = self.environ
+        version = environ.get("HTTP_SEC_WEBSOCKET_VERSION")
+        wants_upgrade = "upgrade" in environ.get("HTTP_CONNECTION", "").lower()
+        if environ.get("REQUEST_METHOD") != "GET" or not wants_upgrade or not version:
+            return None  # gevent-websocket's answers to these are fixed texts
+        if version not in self.SUPPORTED_VERSIONS:
+            self.start_response(
+                "400 Bad Request",
+                [("Content-Type", "text/plain"), ("Sec-WebSocket-Version", ", ".join(self.SUPPORTED_VERSIONS))],
+            )
+            return [b"Unsupported WebSocket version"]
+        key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+        try:
+            valid = len(base64.b64decode(key, validate=True)) == 16
+        except (binascii.Error, ValueError):
+            valid = False
+        if not valid:
+            self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
+            return [b"Invalid Sec-WebSocket-Key"]
+        return None
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         if status.startswith("101"):

@@ -7,10 +7,17 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from helpers import Server  # noqa: E402
+
+# Property tests (tests/unit/test_fuzz_*.py) are deterministic: the same examples on every
+# run and every machine (derandomize), no example database left behind, no per-example
+# deadline (CI machines are shared and slow). Each test sets its own max_examples.
+settings.register_profile("anycable", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.load_profile("anycable")
 
 
 @pytest.fixture(scope="module")

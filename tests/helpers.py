@@ -39,6 +39,15 @@ class Clock:
         self.now += seconds
 
 
+def fuzz_examples(n: int) -> int:
+    """``n`` examples for a property test, times ``ANYCABLE_FUZZ_SCALE`` (default 1).
+
+    The suite keeps property tests fast; ``ANYCABLE_FUZZ_SCALE=100 scripts/test
+    tests/unit/test_fuzz_*.py`` runs a hundred times as many (still deterministic).
+    """
+    return n * max(1, int(os.environ.get("ANYCABLE_FUZZ_SCALE", "1") or 1))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -28,13 +28,18 @@ from anycable_gevent.transport import BodyTimeout
 log = logging.getLogger("anycable_gevent.broadcast")
 
 
+#: ``<``, ``>`` and ``&`` as JSON escapes (what Go's encoder does by default): details may
+#: quote what a client sent, and no error answer carries markup, whoever renders it.
+_HTML_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
 def _error(resp: falcon.Response, status: str, error: str, details: str = "") -> None:
     resp.status = status
     body: dict[str, str] = {"error": error}
     if details:
         body["details"] = details
     resp.content_type = falcon.MEDIA_JSON
-    resp.text = json.dumps(body)
+    resp.text = json.dumps(body).translate(_HTML_SAFE)
 
 
 class BroadcastResource:
