@@ -140,6 +140,8 @@ class RedisPubSub(PubSub):
             missing = [s for s in streams if self.desired.get(s) not in self.confirmed]
             if not missing:
                 return True
+            if self._problem is not None and self._problem != "connecting" and self._conn is None:
+                return False  # Redis is away: nobody gains by waiting (resubscribed on return)
             left = deadline - time.monotonic()
             if left <= 0:
                 log.debug("subscriptions not confirmed in time streams=%d", len(missing))
