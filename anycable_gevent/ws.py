@@ -151,7 +151,13 @@ class FrameReader:
             parts = [buf[pos:]]
             have = len(buf) - pos
             while have < n:
-                chunk = self._read_more(max(n - have, READ_CHUNK), self.mid or have > 0)
+                if self.mid or have:
+                    chunk = self._read_more(max(n - have, READ_CHUNK), True)
+                else:
+                    # idle, between messages: wait right here (every frame on the stack of
+                    # an idle connection's greenlet is copied to the heap while it waits)
+                    chunk = self.recv(max(n, READ_CHUNK))
+                    self.recv = self.sock_recv
                 if not chunk:
                     raise EOFError
                 parts.append(chunk)
@@ -220,7 +226,7 @@ class FrameReader:
         size = 0
         fragments = 0
         while True:
-            fin, op, length = self._header()
+            fin, op, length = self._header(*self._exact(2))
             if op >= 0x8:
                 self._control(op, fin, length)
                 if not opcode:
@@ -248,9 +254,8 @@ class FrameReader:
             if fin:
                 return self._complete(opcode, parts)
 
-    def _header(self) -> tuple[int, int, int]:
-        """A frame header: ``(fin, opcode, payload length)``; the mask follows."""
-        b1, b2 = self._exact(2)
+    def _header(self, b1: int, b2: int) -> tuple[int, int, int]:
+        """A frame header from its first two bytes: ``(fin, opcode, payload length)``; the mask follows."""
         self.mid = True
         if b1 & 0x70:
             raise ConnectionFailure("reserved bits set")
