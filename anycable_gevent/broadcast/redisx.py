@@ -34,9 +34,10 @@ Guarantees, and where they come from:
 
 Concurrency: one consumer greenlet owns one dedicated connection (not pooled; its socket
 timeout is above the block time) and runs the loop: acknowledgements still owed, then own
-pending entries, then claims, then ``XREADGROUP … BLOCK``. Entries are handed to the node
-one at a time, inline; the node only registers and enqueues, so the consumer never waits
-on a slow client. The shared pool is used only at start (group, stale consumers) and at
+pending entries, then claims, then ``XREADGROUP … BLOCK``. The publications of consecutive
+entries are handed to the node together, inline (one broker round trip for up to
+:data:`COUNT` entries: registered, or refused, together); the node only registers and
+enqueues, so the consumer never waits on a slow client. The shared pool is used only at start (group, stale consumers) and at
 shutdown. Failures of Redis (unreachable at start included) are retried with capped,
 jittered backoff, forever; ``healthy()`` names the problem meanwhile.
 """
@@ -63,6 +64,7 @@ from anycable_gevent.config import Config
 from anycable_gevent.errors import BrokerError, ProtocolError
 from anycable_gevent.log import Throttle
 from anycable_gevent.metrics import Metrics
+from anycable_gevent.protocol import StreamMessage
 from anycable_gevent.redis_client import COMMAND_TIMEOUT, RedisConnector
 
 log = logging.getLogger("anycable_gevent.broadcast")
@@ -360,25 +362,37 @@ class RedisStreamBroadcaster(Broadcaster):
             self._handling = False
 
     def _handle_entries(self, entries: Iterable[Entry]) -> bool:
+        """Consecutive publications are registered together (one broker call, one round
+        trip with the Redis broker); a remote command is handled in its place in order."""
         done: list[bytes] = []
+        run_ids: list[bytes] = []
+        run: list[StreamMessage] = []
         refused: BrokerError | None = None
-        for entry_id, fields in entries:
-            if fields is None:
-                done.append(entry_id)  # deleted from the stream while pending: nothing to do
-                continue
-            publication = self._decode(entry_id, fields)
-            if publication is None:
+
+        def flush() -> None:
+            if run:
+                self._publish(run.copy(), run_ids)
+            done.extend(run_ids)
+            run_ids.clear()
+            run.clear()
+
+        try:
+            for entry_id, fields in entries:
+                publication = None if fields is None else self._decode(entry_id, fields)
+                if publication is None:
+                    # deleted from the stream while pending, or invalid: nothing to register
+                    run_ids.append(entry_id)
+                    continue
+                if isinstance(publication, list):
+                    run_ids.append(entry_id)
+                    run.extend(publication)
+                    continue
+                flush()
+                self._publish(publication, [entry_id])
                 done.append(entry_id)
-                continue
-            try:
-                self.handler.handle_publication(publication)
-            except BrokerError as exc:
-                refused = exc
-                break
-            except Exception:  # a bug for this entry: retrying it forever would block the stream
-                self.metrics.inc("failed_broadcast_msg_total")
-                self._errors.error("redisx: handling entry %s failed, dropped", _text(entry_id), exc_info=True)
-            done.append(entry_id)
+            flush()
+        except BrokerError as exc:
+            refused = exc
         if done:
             self._ack(done)
         if refused is None:
@@ -392,6 +406,20 @@ class RedisStreamBroadcaster(Broadcaster):
             "redisx: publication not accepted, entries stay pending stream=%s error=%s", self.stream, self._refused
         )
         return False
+
+    def _publish(self, publication: protocol.Publication, ids: list[bytes]) -> None:
+        """Hand a publication to the node. BrokerError propagates (the entries stay pending);
+        another error is a bug for these entries: retrying them forever would block the
+        stream, so they are counted, logged and acknowledged."""
+        try:
+            self.handler.handle_publication(publication)
+        except BrokerError:
+            raise
+        except Exception:
+            self.metrics.inc("failed_broadcast_msg_total")
+            self._errors.error(
+                "redisx: handling entries %s failed, dropped", ",".join(_text(i) for i in ids[:5]), exc_info=True
+            )
 
     def _decode(self, entry_id: bytes, fields: dict[bytes, Any]) -> protocol.Publication | None:
         payload = fields.get(b"payload")

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 import redis
+from gevent.event import AsyncResult
 from redis.exceptions import NoScriptError
 
 from anycable_gevent.broker.base import Broker
@@ -171,6 +172,9 @@ class RedisBroker(Broker):
         #: why Redis does not work right now (None = it does)
         self._down: str | None = None
         self._ticker: gevent.Greenlet | None = None
+        #: registrations waiting for the round trip in flight (group commit, see _register)
+        self._waiting: list[tuple[list[StreamMessage], AsyncResult]] = []
+        self._leading = False
 
     @classmethod
     def from_config(cls, cfg: Config, metrics: Metrics, redis: RedisConnector | None) -> RedisBroker:
@@ -280,7 +284,7 @@ class RedisBroker(Broker):
     def register(self, msg: StreamMessage) -> None:
         """Register one message (without publishing it): :meth:`publish` is the normal path."""
         if not msg.transient:
-            self._register([msg], publish=False)
+            self._register_now([msg], publish=False)
 
     def publish(self, msgs: list[StreamMessage]) -> None:
         """Register the non-transient messages and publish all of them, in list order, in one
@@ -306,6 +310,38 @@ class RedisBroker(Broker):
                 broadcast(msg)
 
     def _register(self, msgs: list[StreamMessage], publish: bool) -> None:
+        """Register (and publish) ``msgs``, grouped with what other greenlets register meanwhile.
+
+        Group commit: while one round trip is in flight, the registrations that arrive
+        wait, and the next round trip carries all of them (one MULTI/EXEC: they succeed
+        or fail together). One greenlet leads at a time and, when others are waiting
+        after its own group, hands the lead to the first of them, so no caller is kept
+        waiting for anybody else's.
+        """
+        done: AsyncResult = AsyncResult()
+        self._waiting.append((msgs, done))
+        if self._leading:
+            if done.get() is None:
+                return  # registered by the leader's round trip
+        self._leading = True  # this greenlet leads (it was free, or it was handed the lead)
+        try:
+            group, self._waiting = self._waiting, []
+            batch = [m for part, _ in group for m in part]
+            try:
+                self._register_now(batch, publish)
+            except BrokerError as exc:
+                for _, w in group:
+                    w.set_exception(exc)
+            else:
+                for _, w in group:
+                    w.set(None)
+        finally:
+            self._leading = False
+            if self._waiting:
+                self._waiting[0][1].set("lead")
+        done.get()
+
+    def _register_now(self, msgs: list[StreamMessage], publish: bool) -> None:
         keys = self.keys
         epoch = new_epoch()  # used by a stream only if its counter is gone
         ts = int(self.clock())
