@@ -59,34 +59,54 @@ def plan(cfg: Config) -> dict[int, Listen]:
     return dict(sorted(ports.items()))
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (a plain stdlib one: a gevent worker wraps it)."""
+def bind_socket(host: str, port: int, reuseport: bool = False) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (a plain stdlib one: a gevent worker wraps it).
+
+    It listens, unless ``reuseport``: then it only reserves the address (SO_REUSEPORT, not
+    listening, so the kernel hands it no connections) and each worker binds a listening
+    socket of its own beside it (:func:`reuse_socket`).
+    """
     if host == "localhost":
         host = "127.0.0.1"
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     family, socktype, proto, _, addr = infos[0]
     sock = socket.socket(family, socktype, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(addr)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    if not reuseport:
+        sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
+def reuse_socket(reserved: socket.socket) -> socket.socket:
+    """A listening socket of this worker on the address ``reserved`` holds (SO_REUSEPORT:
+    the kernel spreads new connections over the workers' sockets)."""
+    sock = socket.socket(reserved.family, reserved.type, reserved.proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(reserved.getsockname())
     sock.listen(LISTEN_BACKLOG)
     return sock
 
 
 def bind(cfg: Config, ports: dict[int, Listen]) -> dict[int, socket.socket]:
-    """Bind every planned port.
+    """Bind every planned port (with ``--reuseport`` and several workers, only reserve them).
 
     Raises:
         ConfigError: a port cannot be bound; the message names the options to change.
             Nothing stays bound.
     """
+    reuseport = cfg.reuseport and cfg.workers > 1
     socks: dict[int, socket.socket] = {}
     for port, listen in ports.items():
         try:
-            socks[port] = bind_socket(listen.host, port)
+            socks[port] = bind_socket(listen.host, port, reuseport)
         except ConfigError as exc:
             for sock in socks.values():
                 sock.close()

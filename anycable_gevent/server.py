@@ -30,7 +30,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from anycable_gevent import banner, graph
+from anycable_gevent import banner, graph, listeners
 from anycable_gevent.config import Config
 from anycable_gevent.heartbeat import Heartbeat
 from anycable_gevent.listeners import Listen
@@ -79,7 +79,10 @@ class Server:
         self.ppid = ppid
         #: how the clients are told when this worker stops: restorable = close frames only
         self.restorable = cfg.restorable_shutdown
-        # the inherited stdlib sockets, as gevent sockets on the same file descriptors
+        if forked and cfg.reuseport:
+            # a listening socket of this worker's own beside the master's reservation
+            sockets = {port: listeners.reuse_socket(s) for port, s in sockets.items()}
+        # the stdlib sockets, as gevent sockets on the same file descriptors
         self.listeners = {
             port: gsocket.socket(s.family, s.type, s.proto, fileno=s.detach()) for port, s in sockets.items()
         }

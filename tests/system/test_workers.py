@@ -296,3 +296,31 @@ def test_logs_carry_each_workers_pid_and_the_banner_is_printed_once(make_server:
     for pid in kids:
         assert f"pid={pid}" in out
     assert out.count("INF broker: none") == 1  # the first worker announces the components
+
+
+def test_reuseport_gives_each_worker_a_listening_socket(make_server: type[Server], prefix: str) -> None:
+    srv = make_server(*worker_args(prefix, "--reuseport"))
+    kids = start(srv)
+    before = {pid: sockets(pid) for pid in kids}
+    clients = [connected(srv, protocol=EXT) for _ in range(40)]
+    opened = [c.__enter__() for c in clients]
+    try:
+        per_worker = {pid: sockets(pid) - before[pid] for pid in kids}
+        assert sum(per_worker.values()) >= 40
+        for c in opened:
+            assert c.subscribe(pubsub_id("rp"))["type"] == "confirm_subscription"
+        srv.publish("rp", "both")
+        for c in opened:
+            assert c.recv()["message"] == "both"
+        # the master holds a reservation that does not listen: every client is on a worker
+        assert srv.proc is not None
+        assert all(n >= 5 for n in per_worker.values()), per_worker  # the kernel spreads them
+    finally:
+        for c in clients:
+            c.__exit__(None, None, None)
+    os.kill(kids[0], signal.SIGKILL)
+    wait_children(srv.proc.pid, 2, exclude={kids[0]})
+    wait_for(lambda: serving(srv) >= 3, what="the replacement to serve")
+    for _ in range(10):
+        with connected(srv, protocol=EXT) as c:
+            assert c.welcome is not None
