@@ -24,7 +24,11 @@ Key layout (``P`` = ``--redis_prefix``; every key of one stream shares the hash 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
+
+import gevent
+from gevent.event import AsyncResult
 
 from anycable_gevent.config import Config, safe_url
 
@@ -36,6 +40,57 @@ COMMAND_TIMEOUT = 5.0
 #: A pooled connection idle this long is checked (PING) before use: after a Redis restart
 #: the first command must not fail on a dead connection.
 HEALTH_CHECK_INTERVAL = 1
+#: Connections of a worker's pool; more callers wait (up to COMMAND_TIMEOUT) for one.
+POOL_SIZE = 32
+
+
+class Batcher:
+    """Auto-pipelining: what every greenlet asks of Redis in one turn of the event loop
+    goes in one pipeline, one round trip (a reconnect storm of thousands of sessions
+    becomes a few dozen round trips instead of thousands).
+
+    Each caller's ``build(pipe)`` queues commands on a shared non-transactional pipeline;
+    the caller gets its own results, in order (errors of its commands as exception
+    objects), or the exception that failed the whole round trip. One flushing greenlet
+    runs while callers wait; what arrives during a round trip goes in the next one.
+    Atomic units must therefore be single commands (a script for anything larger).
+    """
+
+    def __init__(self, client: Callable[[], Any]) -> None:
+        self._client = client
+        self._queue: list[tuple[Callable[[Any], None], AsyncResult]] = []
+        self._flusher: gevent.Greenlet | None = None
+
+    def run(self, build: Callable[[Any], None]) -> list[Any]:
+        done: AsyncResult = AsyncResult()
+        self._queue.append((build, done))
+        if self._flusher is None:
+            self._flusher = gevent.spawn(self._flush)
+        results: list[Any] = done.get()  # type: ignore[assignment]
+        return results
+
+    def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    pipe = self._client().pipeline(transaction=False)
+                    counts = []
+                    for build, _ in batch:
+                        before = len(pipe.command_stack)
+                        build(pipe)
+                        counts.append(len(pipe.command_stack) - before)
+                    results = list(pipe.execute(raise_on_error=False))
+                except Exception as exc:  # the round trip failed: every caller learns it
+                    for _, done in batch:
+                        done.set_exception(exc)
+                    continue
+                at = 0
+                for (_, done), n in zip(batch, counts, strict=True):
+                    done.set(results[at : at + n])
+                    at += n
+        finally:
+            self._flusher = None
 
 
 class Keys:
@@ -68,6 +123,8 @@ class RedisConnector:
         self.url = cfg.redis_url
         self.keys = Keys(cfg.redis_prefix)
         self._client: Any = None
+        #: auto-pipelined commands of every greenlet of the worker (see Batcher)
+        self.batcher = Batcher(lambda: self.client)
 
     def describe(self) -> str:
         return safe_url(self.url)
@@ -75,14 +132,17 @@ class RedisConnector:
     def start(self) -> None:
         import redis
 
-        self._client = redis.Redis.from_url(
+        pool = redis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=POOL_SIZE,
+            timeout=COMMAND_TIMEOUT,  # waiting for a free connection (a storm), not failing
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=COMMAND_TIMEOUT,
             health_check_interval=HEALTH_CHECK_INTERVAL,
             retry_on_timeout=False,
             protocol=2,  # RESP2: pub/sub messages are plain replies (RESP3 hands them to push callbacks)
         )
+        self._client = redis.Redis(connection_pool=pool)
 
     @property
     def client(self) -> Any:

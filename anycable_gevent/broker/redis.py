@@ -110,11 +110,12 @@ class Script:
 
 
 PUBLISH = Script("publish")
+HISTORY = Script("history")
 PRESENCE_JOIN_SCRIPT = Script("presence_join")
 PRESENCE_LEAVE_SCRIPT = Script("presence_leave")
 PRESENCE_TOUCH = Script("presence_touch")
 PRESENCE_EXPIRE = Script("presence_expire")
-SCRIPTS = (PUBLISH, PRESENCE_JOIN_SCRIPT, PRESENCE_LEAVE_SCRIPT, PRESENCE_TOUCH, PRESENCE_EXPIRE)
+SCRIPTS = (PUBLISH, HISTORY, PRESENCE_JOIN_SCRIPT, PRESENCE_LEAVE_SCRIPT, PRESENCE_TOUCH, PRESENCE_EXPIRE)
 
 
 def _reason(exc: BaseException) -> str:
@@ -260,7 +261,9 @@ class RedisBroker(Broker):
         """
 
         def run(c: Any) -> list[Any]:
-            pipe = c.pipeline(transaction=transaction)
+            if not transaction:
+                return self.redis.batcher.run(build)  # one round trip with every other caller's
+            pipe = c.pipeline(transaction=True)
             build(pipe)
             return list(pipe.execute(raise_on_error=False))
 
@@ -409,21 +412,21 @@ class RedisBroker(Broker):
         return out
 
     def _read(self, stream: str, start: str) -> tuple[str | None, int, list[StreamMessage], HistorySettings]:
-        """The stream's epoch and top, and its live entries from ID ``start`` (one MULTI/EXEC)."""
+        """The stream's epoch and top, and its live entries from ID ``start`` (one script)."""
         keys = self.keys
 
         def build(pipe: Any) -> None:
-            pipe.hmget(keys.stream(stream, "m"), "e", "s")
-            pipe.xrange(keys.stream(stream, "h"), start, "+")
+            pipe.evalsha(HISTORY.sha, 2, keys.stream(stream, "m"), keys.stream(stream, "h"), start)
 
-        (epoch_raw, top_raw), entries = self._pipeline(build, transaction=True)
+        epoch_raw, top_raw, entries = self._pipeline(build)[0]
         settings = self.policy.for_stream(stream)
-        if epoch_raw is None:
+        if not epoch_raw:
             return None, 0, [], settings
         epoch = _text(epoch_raw)
         cutoff = self.clock() - settings.ttl
         msgs: list[StreamMessage] = []
-        for entry_id, fields in entries:
+        for entry_id, flat in entries:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
             ts = int(fields[b"t"])
             if ts < cutoff and not msgs:
                 continue  # older than the stream's TTL: gone (as the memory broker drops them)
@@ -485,7 +488,7 @@ class RedisBroker(Broker):
         if not self.supports_sessions:
             return None
         key = self.keys.session(sid)
-        raw = self._call(lambda c: c.getdel(key))
+        raw = self._pipeline(lambda pipe: pipe.getdel(key))[0]
         return bytes(raw) if raw is not None else None
 
     def touch_sessions(self, sids: Iterable[str]) -> None:
@@ -534,7 +537,7 @@ class RedisBroker(Broker):
 
     def presence_info(self, stream: str) -> PresenceInfo:
         key = self.keys.stream(stream, "pi")
-        records = self._call(lambda c: c.hgetall(key))
+        records = self._pipeline(lambda pipe: pipe.hgetall(key))[0]
         if not records:
             return PresenceInfo()
         return PresenceInfo(len(records), [(_text(pid), json.loads(info)) for pid, info in records.items()])
