@@ -106,6 +106,11 @@ class Config:
     http_body_timeout: float = _opt(
         10.0, "server", "Seconds a request body may take to arrive, on every HTTP route (else 408)"
     )
+    handshake_concurrency: int = _opt(
+        256,
+        "server",
+        "Connections a worker handshakes at once; more wait in the kernel's accept queue (a reconnect storm)",
+    )
     http_max_header_size: int = _opt(65536, "server", "Largest request header block in bytes (else 431)")
     http_max_headers: int = _opt(100, "server", "Most request header lines (else 431)")
     ssl_cert: str = _opt("", "server", "TLS certificate file (PEM)")
@@ -640,6 +645,7 @@ def validate(cfg: Config) -> None:
     for p in cfg.path:
         _check(p not in reserved, f"--path: {p!r} is already used by --{reserved.get(p)}")
     _check(cfg.max_conn >= 0, f"--max_conn: must be >= 0, got {cfg.max_conn}")
+    _check(cfg.handshake_concurrency >= 1, f"--handshake_concurrency: must be >= 1, got {cfg.handshake_concurrency}")
     _check(cfg.handshake_timeout > 0, f"--handshake_timeout: must be > 0 seconds, got {cfg.handshake_timeout:g}")
     _check(cfg.http_body_timeout > 0, f"--http_body_timeout: must be > 0 seconds, got {cfg.http_body_timeout:g}")
     _check(

@@ -174,6 +174,7 @@ class Server:
             max_header_bytes=cfg.http_max_header_size,
             max_headers=cfg.http_max_headers,
             max_conn=cfg.max_conn,
+            handshake_concurrency=cfg.handshake_concurrency,
         )
         # one count for every WebSocket port: --max_conn is per worker
         gate = ConnectionGate(cfg.max_conn)

@@ -63,6 +63,9 @@ class HTTPLimits:
     max_headers: int = 100
     #: connections per worker on the WebSocket ports (0 = unlimited)
     max_conn: int = 0
+    #: connections between accept and the end of their request, per port: more wait in
+    #: the kernel's accept queue, where their handshake deadline is not running yet
+    handshake_concurrency: int = 256
 
 
 def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
@@ -257,6 +260,10 @@ def linger_close(sock: Any, timeout: float = LINGER_TIME) -> None:
 # ---------------------------------------------------------------------- handler
 
 
+def _nothing() -> None:
+    pass
+
+
 class CableHandler(WebSocketHandler):
     """gevent-websocket's handler with AnyCable's upgrade rules and the bounds above."""
 
@@ -269,6 +276,9 @@ class CableHandler(WebSocketHandler):
         self._timer: gevent.Timeout | None = None
         #: the socket belongs to a WebSocket session now (see CableServer.take_over)
         self.taken = False
+        #: called once the upgrade is done: the connection no longer counts against
+        #: ``--handshake_concurrency`` (set by CableServer)
+        self.handshake_over: Callable[[], None] = _nothing
 
     def MessageClass(self, *args: Any) -> RequestHeaders:  # noqa: N802 - pywsgi's name
         limits = self.server.limits
@@ -495,17 +505,47 @@ class CableServer(WSGIServer):
         self.detached: set[int] = set()
         self._paused: Any = None
         self._emfile = Throttle(log, 10.0)
+        self._handshakes = 0
+
+    def full(self) -> bool:
+        """As many handshakes as ``handshake_concurrency`` are under way: stop accepting.
+
+        In a reconnect storm, accepting everything at once would start every deadline at
+        once while each connection waits for the CPU; the kernel keeps the rest instead.
+        """
+        return self._handshakes >= self.limits.handshake_concurrency
+
+    def do_handle(self, *args: Any) -> None:
+        self._handshakes += 1
+        super().do_handle(*args)
 
     def handle(self, sock: Any, address: Any) -> None:
-        gate = self.gate
-        if gate is None:
-            self.handler_class(sock, address, self).handle()
+        done = [False]
+        try:
+            self._serve_connection(sock, address, done)
+        finally:
+            self._handshake_over(done)
+
+    def _handshake_over(self, done: list[bool]) -> None:
+        """A connection's handshake is over (upgraded, answered or closed): one more may start."""
+        if done[0]:
             return
-        if gate.full():
+        done[0] = True
+        self._handshakes -= 1
+        if self._handshakes == self.limits.handshake_concurrency - 1:
+            getattr(self, "_start_accepting_if_started")()  # noqa: B009 - gevent's private hook
+
+    def _serve_connection(self, sock: Any, address: Any, done: list[bool]) -> None:
+        gate = self.gate
+        if gate is not None and gate.full():
             self._refuse(sock)
             return
-        gate.open += 1
         handler = self.handler_class(sock, address, self)
+        handler.handshake_over = lambda: self._handshake_over(done)
+        if gate is None:
+            handler.handle()
+            return
+        gate.open += 1
         try:
             handler.handle()
         finally:

@@ -387,6 +387,9 @@ class CableEndpoint:
             cfg.ws_max_fragments,
             cfg.ws_frame_timeout,
         )
+        over = getattr(handler, "handshake_over", None)
+        if over is not None:  # the connection stops counting as a handshake in progress
+            over()
         take_over = getattr(handler.server, "take_over", None)
         if take_over is not None and session.direct:
             # The socket is ours from now on: served from a greenlet of its own, closed

@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -103,12 +104,17 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def tls(self) -> bool:
+        """The WebSocket port speaks TLS (``--ssl_cert``)."""
+        return any(a.startswith("--ssl_cert") for a in self.args)
+
+    @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/cable"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}/cable"
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def broadcast_url(self) -> str:
@@ -151,7 +157,8 @@ class Server:
                     raise _PortTaken(output)
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{output}")
             try:
-                with urllib.request.urlopen(f"{self.http}/health", timeout=0.5):
+                context = ssl._create_unverified_context() if self.tls else None  # a test certificate
+                with urllib.request.urlopen(f"{self.http}/health", timeout=0.5, context=context):
                     return self
             except urllib.error.HTTPError:
                 if not healthy:
@@ -208,9 +215,10 @@ class Server:
         assert status == 201, (status, reply)
 
     def get(self, path: str, port: int | None = None) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{port or self.port}{path}"
+        url = f"http://127.0.0.1:{port}{path}" if port else f"{self.http}{path}"
+        context = ssl._create_unverified_context() if self.tls and not port else None
         try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
+            with urllib.request.urlopen(url, timeout=5, context=context) as resp:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
@@ -242,7 +250,10 @@ class Client:
     ) -> None:
         subprotocols = protocols if protocols is not None else ([protocol] if protocol else None)
         header = [f"{k}: {v}" for k, v in (headers or {}).items()]
-        self.ws = websocket.create_connection(url, subprotocols=subprotocols, header=header, timeout=timeout)
+        sslopt = {"cert_reqs": ssl.CERT_NONE} if url.startswith("wss:") else None  # test certificates
+        self.ws = websocket.create_connection(
+            url, subprotocols=subprotocols, header=header, timeout=timeout, sslopt=sslopt
+        )
         self.pings: list[dict[str, Any]] = []
         self.welcome: dict[str, Any] | None = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -310,6 +311,59 @@ def test_sockets_in_their_handshake_count_against_max_conn(make_server: type[Ser
     finally:
         for s in idle:
             s.close()
+
+
+def test_handshakes_in_progress_are_bounded(make_server: type[Server]) -> None:
+    """Over --handshake_concurrency, a new connection waits in the accept queue, not in the server."""
+    srv = make_server("--public_streams", "--noauth", "--handshake_timeout=1.5", "--handshake_concurrency=2").start()
+    idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(UPGRADE.encode() + b"\r\n")
+            sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # not accepted while both handshakes are open
+                sock.recv(1)
+            for s in idle:
+                assert closed_within(s, 5)  # their deadline frees the places
+            sock.settimeout(5)
+            assert sock.recv(12).startswith(b"HTTP/1.1 101")
+    finally:
+        for s in idle:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-keyout", key, "-out", cert],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_upgraded_connections_do_not_count_as_handshakes(
+    make_server: type[Server], certificate: tuple[str, str], tls: bool
+) -> None:
+    """Only the handshake counts: many more connections than --handshake_concurrency stay open."""
+    args = [f"--ssl_cert={certificate[0]}", f"--ssl_key={certificate[1]}"] if tls else []
+    srv = make_server("--public_streams", "--noauth", "--handshake_concurrency=2", *args).start()
+    clients = []
+    try:
+        for i in range(6):
+            c = Client(srv.url, timeout=5)
+            clients.append(c)
+            c.expect_welcome()
+            assert c.subscribe(pubsub_id(f"hs/{i}"))["type"] == "confirm_subscription"
+        assert srv.get("/health")[0] == 200
+    finally:
+        for c in clients:
+            c.close()
 
 
 # ---------------------------------------------------------------------- 3. header block
