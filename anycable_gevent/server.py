@@ -11,7 +11,8 @@ gone and the pending Disconnect calls are sent):
   sessions elsewhere); a second signal exits at once;
 * SIGUSR2 (from the master: this worker retires while the others serve): close frames
   only, so its clients restore their sessions on the other workers;
-* SIGQUIT: exit at once.
+* SIGQUIT: exit at once;
+* SIGHUP without a master (one worker): logged and ignored (a reload must not kill it).
 
 A forked worker stamps its heartbeat every second from its event loop and stops when
 its master is gone.
@@ -120,6 +121,10 @@ class Server:
                 signal.signal(sig, signal.SIG_IGN)
         else:
             gevent.signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
+            # `systemctl reload` (HUP) must not kill a lone process; QUIT stops it fast as it
+            # stops a master
+            gevent.signal_handler(signal.SIGHUP, self._on_reload)
+            gevent.signal_handler(signal.SIGQUIT, self._on_quit)
         self.graph.start()
         self._await_ready()
         level = logging.INFO if self.index == 0 else logging.DEBUG
@@ -210,6 +215,11 @@ class Server:
         else:
             log.info("%s received: shutting down gracefully", signal.Signals(signum).name)
         self.stopped.set()
+
+    def _on_reload(self) -> None:
+        log.warning(
+            "SIGHUP ignored: a rolling restart needs --workers > 1; restart the server to apply a new configuration"
+        )
 
     def _on_quit(self) -> None:
         log.warning("SIGQUIT: exiting now")

@@ -91,3 +91,27 @@ def test_second_signal_exits_at_once(make_server) -> None:
             time.sleep(0.05)
         srv.proc.send_signal(signal.SIGTERM)
         assert exit_code(srv, 5) == 1
+
+
+def test_hup_does_not_stop_a_single_process(make_server) -> None:
+    """`systemctl reload` sends HUP: without a master it is logged, and nobody is disconnected."""
+    srv = make_server("--noauth", "--public_streams").start()
+    assert srv.proc is not None
+    with connected(srv, protocol=EXT) as c:
+        c.subscribe(pubsub_id("hup"))
+        srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "SIGHUP ignored" not in srv.output():
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.05)
+        assert srv.proc.poll() is None
+        assert srv.broadcast({"stream": "hup", "data": '"still here"'})[0] == 201
+        assert c.recv()["message"] == "still here"
+
+
+def test_quit_stops_a_single_process_at_once(make_server) -> None:
+    srv = make_server("--noauth", "--public_streams", "--shutdown_timeout=30").start()
+    assert srv.proc is not None
+    with connected(srv, protocol=EXT):
+        srv.proc.send_signal(signal.SIGQUIT)
+        assert exit_code(srv, 3) == 0
