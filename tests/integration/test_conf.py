@@ -113,3 +113,30 @@ def test_server_accepts_the_units_command_line(make_server: type[Server]) -> Non
     argv[argv.index("/etc/anycable-gevent/anycable.conf")] = str(CONF)
     s = make_server(*argv, "--noauth").start()
     assert s.get("/health")[0] == 200
+
+
+# ---------------------------------------------------------------- the cluster sample
+
+CLUSTER = ROOT / "conf" / "anycable-cluster.conf"
+
+
+def test_cluster_sample_starts_two_workers_on_the_redis_broker(make_server: type[Server]) -> None:
+    from procs import wait_children
+    from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
+
+    prefix = unique_prefix()
+    try:
+        s = make_server("--config", str(CLUSTER), "--noauth", f"--redis_url={REDIS_URL}", f"--redis_prefix={prefix}")
+        s.start()
+        assert s.proc is not None
+        assert len(wait_children(s.proc.pid, 2)) == 2
+        out = s.output()
+        assert "broker: redis" in out
+        assert s.get("/metrics")[0] == 200
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+
+
+def test_cluster_sample_sets_only_known_options() -> None:
+    cfg = config.load(["--config", str(CLUSTER)], {})
+    assert (cfg.workers, cfg.broker, cfg.restorable_shutdown) == (2, "redis", True)
