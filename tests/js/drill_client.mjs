@@ -58,7 +58,7 @@ let ready = 0
 for (let i = 0; i < n; i++) {
   let url = urls[i % urls.length]
   if (opts['token-param']) url += (url.includes('?') ? '&' : '?') + `${opts['token-param']}=tok-c${i}`
-  const state = { i, stream: null, got: [], metas: [], connects: 0, restores: 0, history: [] }
+  const state = { i, stream: null, got: [], metas: [], connects: 0, restores: 0, history: [], disconnects: [] }
   const cable = createCable(url, {
     protocol: 'actioncable-v1-ext-json',
     websocketImplementation: WebSocket,
@@ -69,6 +69,9 @@ for (let i = 0; i < n; i++) {
     state.connects += 1
     if (restored) state.restores += 1
   })
+  // why the connection ended, as the client saw it: the server's reason (server_restart),
+  // or 'closed' for a close without a disconnect message
+  cable.on('disconnect', ev => state.disconnects.push(ev && ev.reason ? String(ev.reason) : 'closed'))
   let channel
   if (opts.stream !== undefined) {
     state.stream = `${opts.stream}/${i % k}`

@@ -152,3 +152,15 @@ def test_ttin_then_ttou_loses_nothing(cluster: Cluster) -> None:
     assert set(kids) - set(two)  # one of the first workers left
     assert set(three) - set(kids) <= set(two)  # the added one stays
     assert sum(c["restores"] for c in clients) >= 1
+
+
+def test_term_tells_every_js_client_server_restart_and_exits_0(cluster: Cluster) -> None:
+    cluster.start()
+    with cluster.drill() as drill:
+        drill.wait("ready")
+        assert cluster.server.proc is not None
+        cluster.server.proc.send_signal(signal.SIGTERM)
+        assert cluster.server.proc.wait(20) == 0
+        clients = drill.report()
+    assert len(clients) == CLIENTS
+    assert all(c["disconnects"][:1] == ["server_restart"] for c in clients), [c["disconnects"] for c in clients]
