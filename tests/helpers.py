@@ -546,3 +546,41 @@ def close_of(c: Client, timeout: float = 10.0) -> tuple[int | None, str, list[di
             msg = json.loads(data)
             if msg.get("type") != "ping":
                 frames.append(msg)
+
+
+# ------------------------------------------------------------------ metrics and waiting
+
+
+def metric(srv: Server, name: str) -> float:
+    """A sample of the server's Prometheus text (``--metrics_http=/metrics``), by its
+    anycable-go name without the ``anycable_go_`` prefix."""
+    status, text = srv.get("/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith(f"anycable_go_{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def counter(srv: Server, name: str) -> int:
+    """A counter (or any whole-valued sample) of the server's metrics."""
+    return int(metric(srv, name))
+
+
+def wait_for(cond: Any, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll ``cond()`` until it is true; fails after ``timeout`` seconds naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")

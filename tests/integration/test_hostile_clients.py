@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import EXT, Client, RawWS, Server, close_of, connected, pubsub_id, request
+from helpers import EXT, Client, RawWS, Server, close_of, connected, counter, pubsub_id, request, rss_kb
 from rpc_backend import PyBackend, Reply, Request, welcome_script
 
 
@@ -26,24 +26,6 @@ def welcome_over(ws: RawWS) -> dict[str, Any]:
     msg = ws.recv()
     assert msg["type"] == "welcome", msg
     return msg
-
-
-def counter(srv: Server, name: str) -> int:
-    """A counter from the server's Prometheus text (``--metrics_http=/metrics``)."""
-    status, text = srv.get("/metrics")
-    assert status == 200
-    for line in text.splitlines():
-        if line.startswith(f"anycable_go_{name} "):
-            return int(float(line.split()[1]))
-    raise AssertionError(f"no metric {name}")
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def read_close(ws: RawWS, timeout: float = 10.0) -> int | None:
@@ -593,7 +575,9 @@ def test_invalid_utf8_in_a_binary_frame_is_only_dropped(server: Server) -> None:
 def test_a_bad_chunked_body_gets_one_400_then_close(make_server: type[Server]) -> None:
     srv = make_server("--public_streams", "--noauth").start()
     with socket.create_connection(("127.0.0.1", srv.broadcast_port)) as sock:
-        sock.sendall(b"POST /_broadcast HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n0\r\n\r\n")
+        sock.sendall(
+            b"POST /_broadcast HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nabc\r\n0\r\n\r\n"
+        )
         sock.settimeout(5)
         data = b""
         while True:

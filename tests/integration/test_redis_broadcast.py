@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import Client, Server, connected, pubsub_id
+from helpers import Client, Server, connected, counter, pubsub_id
 from redis_helpers import REDIS_URL, PrivateRedis
 from tcp_proxy import Proxy
 
@@ -42,15 +42,6 @@ def publication(stream: str, data: Any, **meta: Any) -> str:
     if meta:
         body["meta"] = meta
     return json.dumps(body)
-
-
-def counter(srv: Server, name: str) -> int:
-    status, text = srv.get("/metrics")
-    assert status == 200
-    for line in text.splitlines():
-        if line.startswith(f"anycable_go_{name} "):
-            return int(float(line.split()[1]))
-    raise AssertionError(f"no metric {name}")
 
 
 def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

@@ -51,7 +51,10 @@ def history_request(client: Client, ident: str, stream: str, last: dict[str, Any
         {
             "identifier": ident,
             "command": "history",
-            "history": {"since": int(time.time()) - 60, "streams": {stream: {"epoch": last["epoch"], "offset": last["offset"]}}},
+            "history": {
+                "since": int(time.time()) - 60,
+                "streams": {stream: {"epoch": last["epoch"], "offset": last["offset"]}},
+            },
         }
     )
 

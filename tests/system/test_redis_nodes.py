@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 from drills import Drill, Publisher, check_exactly_once
-from helpers import EXT, Client, Server, connected, pubsub_id
+from helpers import EXT, Client, Server, connected, counter, pubsub_id, wait_for
 from redis_helpers import REDIS_URL, PrivateRedis, delete_prefix, unique_prefix
 
 
@@ -30,24 +30,6 @@ def node_args(url: str, prefix: str, *extra: str) -> list[str]:
         "--sessions_ttl=60",
         *extra,
     ]
-
-
-def counter(srv: Server, name: str) -> int:
-    status, text = srv.get("/metrics")
-    assert status == 200
-    for line in text.splitlines():
-        if line.startswith(f"anycable_go_{name} "):
-            return int(float(line.split()[1]))
-    raise AssertionError(f"no metric {name}")
-
-
-def wait_for(cond, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

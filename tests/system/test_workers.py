@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import EXT, ROOT, Server, close_of, connected, free_port, pubsub_id
+from helpers import EXT, ROOT, Server, close_of, connected, free_port, metric, pubsub_id, wait_for
 from procs import children, sockets, wait_children
 from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
 
@@ -41,30 +41,12 @@ def serving(srv: Server) -> int:
     return srv.output().count("worker serving index=")
 
 
-def wait_for(cond, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def start(srv: Server, workers: int = 2) -> list[int]:
     srv.start()
     assert srv.proc is not None
     kids = wait_children(srv.proc.pid, workers)
     wait_for(lambda: serving(srv) >= workers, what="every worker to serve")
     return kids
-
-
-def gauge(srv: Server, name: str) -> float:
-    status, text = srv.get("/metrics")
-    assert status == 200
-    for line in text.splitlines():
-        if line.startswith(f"anycable_go_{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 @pytest.fixture
@@ -85,7 +67,7 @@ def test_the_master_forks_two_workers_that_share_broadcasts(make_server: type[Se
             assert c.subscribe(pubsub_id("fanout"))["type"] == "confirm_subscription"
         per_worker = {pid: sockets(pid) for pid in kids}
         # any worker answers for all of them (the others' figures are at most a refresh old)
-        wait_for(lambda: gauge(srv, "clients_num") == 24, timeout=5, what="clients_num of every worker")
+        wait_for(lambda: metric(srv, "clients_num") == 24, timeout=5, what="clients_num of every worker")
         for n in range(3):
             srv.publish("fanout", n)
         for c in opened:
@@ -164,7 +146,9 @@ def break_install(directory: Path) -> None:
     (pkg / "__init__.py").write_text("raise ImportError('broken install (test)')\n")
 
 
-def test_a_worker_that_cannot_boot_stops_the_master(make_server: type[Server], prefix: str, broken_install: Path) -> None:
+def test_a_worker_that_cannot_boot_stops_the_master(
+    make_server: type[Server], prefix: str, broken_install: Path
+) -> None:
     break_install(broken_install)
     srv = make_server(*worker_args(prefix), env={"PYTHONPATH": str(broken_install)})
     with pytest.raises(RuntimeError, match="exited with 3"):
@@ -239,9 +223,7 @@ def test_hup_replaces_every_worker_while_always_serving(make_server: type[Server
     assert failures == []
 
 
-def test_hup_with_a_bad_config_keeps_the_old_workers(
-    make_server: type[Server], prefix: str, tmp_path: Path
-) -> None:
+def test_hup_with_a_bad_config_keeps_the_old_workers(make_server: type[Server], prefix: str, tmp_path: Path) -> None:
     conf = tmp_path / "anycable.conf"
     conf.write_text("ping_interval = 3\n")
     srv = make_server(*worker_args(prefix), f"--config={conf}")
