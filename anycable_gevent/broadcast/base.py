@@ -9,10 +9,10 @@ broker: those messages are delivered locally, without offsets (as anycable-go do
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from anycable_gevent.component import Component
 from anycable_gevent.protocol import Publication
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ class Handler(Protocol):
         """Every node got it: deliver it to this node's clients only."""
 
 
-class Broadcaster(ABC):
+class Broadcaster(Component):
     #: every node receives each publication (no broker: no offsets, no history)
     is_fanout: ClassVar[bool] = False
 
@@ -47,20 +47,6 @@ class Broadcaster(ABC):
         self.handler = handler
         self.metrics = metrics
         self.redis = redis
-
-    def start(self) -> None:
-        """Start taking publications (connect, spawn readers)."""
-
-    def shutdown(self) -> None:
-        """Stop taking publications; what was taken is handled first."""
-
-    @abstractmethod
-    def announce(self) -> str:
-        """One line for the startup banner."""
-
-    def healthy(self) -> str | None:
-        """``None`` when working, else what is wrong (``/health`` says it)."""
-        return None
 
     def routes(self) -> Mapping[str, WSGIApp]:
         """WSGI apps by path that this broadcaster serves on its port (HTTP only)."""

@@ -25,10 +25,11 @@ the leave events of sessions whose presence expired are handed to
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Protocol
 
+from anycable_gevent.component import Component
 from anycable_gevent.errors import BrokerError, HistoryError
 from anycable_gevent.protocol import PresenceEvent, PresenceInfo, StreamMessage
 
@@ -50,7 +51,7 @@ class Broadcaster(Protocol):
     def broadcast(self, msg: StreamMessage) -> None: ...
 
 
-class Broker(ABC):
+class Broker(Component):
     #: Where :meth:`publish` sends messages (set by the composition root before start).
     broadcaster: Broadcaster
     #: Whether session snapshots are kept for restore.
@@ -64,20 +65,6 @@ class Broker(ABC):
     def from_config(cls, cfg: Config, metrics: Metrics, redis: RedisConnector | None) -> Broker:
         """Construct from the configuration (no I/O)."""
         return cls()
-
-    def start(self) -> None:
-        """Start background work (expiry)."""
-
-    def shutdown(self) -> None:
-        """Stop background work."""
-
-    @abstractmethod
-    def announce(self) -> str:
-        """One line with the effective settings, for the startup banner."""
-
-    def healthy(self) -> str | None:
-        """``None`` when the store works, else what is wrong (``/health`` says it)."""
-        return None
 
     def publish(self, msgs: list[StreamMessage]) -> None:
         """Register every non-transient message, then hand all of them to the pub/sub, in order.

@@ -12,10 +12,11 @@ yield (they record what this worker wants and return). What arrives is handed to
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Collection
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from anycable_gevent.component import Component
 from anycable_gevent.protocol import RemoteCommand, StreamMessage
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class Handler(Protocol):
         """The pub/sub was away and is back: messages of ``streams`` may have been missed."""
 
 
-class PubSub(ABC):
+class PubSub(Component):
     #: delivery reaches every process and node (not only this one)
     is_multi_node: ClassVar[bool] = False
     handler: Handler
@@ -50,20 +51,6 @@ class PubSub(ABC):
     def bind(self, handler: Handler) -> None:
         """Set the receiver (the node), before :meth:`start`."""
         self.handler = handler
-
-    def start(self) -> None:
-        """Connect and start listening."""
-
-    def shutdown(self) -> None:
-        """Stop listening (last of all components, so nothing accepted is lost)."""
-
-    @abstractmethod
-    def announce(self) -> str:
-        """One line for the startup banner."""
-
-    def healthy(self) -> str | None:
-        """``None`` when working, else what is wrong (``/health`` answers 503 with it)."""
-        return None
 
     @abstractmethod
     def broadcast(self, msg: StreamMessage) -> None:
