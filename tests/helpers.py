@@ -433,16 +433,7 @@ class RawWS:
             self.headers[name.strip().lower()] = value.strip()
 
     def send_frame(self, payload: bytes, opcode: int = 0x1, fin: bool = True) -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        head = bytes([(0x80 if fin else 0) | opcode])
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
-        else:
-            head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
-        self.sock.sendall(head + mask + _mask(payload, mask))
+        self.sock.sendall(masked_frame(payload, opcode, fin))
 
     def send(self, frame: Any) -> None:
         self.send_frame((frame if isinstance(frame, str) else json.dumps(frame)).encode())
@@ -517,6 +508,20 @@ class RawWS:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def masked_frame(payload: bytes, opcode: int = 0x1, fin: bool = True) -> bytes:
+    """A client's WebSocket frame (masked, as RFC 6455 requires) of any size and opcode."""
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return head + mask + _mask(payload, mask)
 
 
 def _mask(payload: bytes, mask: bytes) -> bytes:

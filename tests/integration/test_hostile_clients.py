@@ -9,7 +9,6 @@ code that reaches it, an HTTP status, a deadline) and that everybody else is ser
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import threading
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import EXT, Client, RawWS, Server, close_of, connected, counter, pubsub_id, request, rss_kb
+from helpers import EXT, Client, RawWS, Server, close_of, connected, counter, masked_frame, pubsub_id, request, rss_kb
 from rpc_backend import PyBackend, Reply, Request, welcome_script
 
 
@@ -168,7 +167,7 @@ def test_a_subscribe_burst_does_not_freeze_other_clients(make_server: type[Serve
         with RawWS(srv.port, protocols=[EXT]) as ws:
             welcome_over(ws)
             frames = b"".join(
-                _masked(json.dumps({"command": "subscribe", "identifier": pubsub_id(f"burst/{i}")}).encode())
+                masked_frame(json.dumps({"command": "subscribe", "identifier": pubsub_id(f"burst/{i}")}).encode())
                 for i in range(n)
             )
             t0 = time.monotonic()
@@ -197,21 +196,6 @@ def test_a_subscribe_burst_does_not_freeze_other_clients(make_server: type[Serve
     assert steady.errors == []
     assert all(status == 200 for status, _ in steady.health), steady.health
     assert steady.received == steady.sent  # every message, once, in order
-
-
-def _masked(payload: bytes, opcode: int = 0x1, fin: bool = True) -> bytes:
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
-    key = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big") if n else b""
-    return head + mask + body
 
 
 def test_subscriptions_per_connection_are_limited(make_server: type[Server]) -> None:
@@ -426,14 +410,16 @@ def test_empty_fragments_are_bounded(make_server: type[Server]) -> None:
     srv = make_server("--public_streams", "--noauth", "--ws_max_fragments=16", "--metrics_http=/metrics").start()
     with RawWS(srv.port, protocols=[EXT]) as ws:
         welcome_over(ws)
-        ws.sock.sendall(_masked(b'{"command":', fin=False) + _masked(b"", opcode=0x0, fin=False) * 5000)
+        ws.sock.sendall(masked_frame(b'{"command":', fin=False) + masked_frame(b"", opcode=0x0, fin=False) * 5000)
         assert read_close(ws) == 1008
     assert counter(srv, "ws_fragment_limit_total") == 1
     with RawWS(srv.port, protocols=[EXT]) as ws:  # a fragmented message within the limit is fine
         welcome_over(ws)
         parts = [b'{"command":', b'"ping"', b"}"]
         ws.sock.sendall(
-            _masked(parts[0], fin=False) + _masked(parts[1], opcode=0x0, fin=False) + _masked(parts[2], opcode=0x0)
+            masked_frame(parts[0], fin=False)
+            + masked_frame(parts[1], opcode=0x0, fin=False)
+            + masked_frame(parts[2], opcode=0x0)
         )
         assert ws.recv() == {"type": "pong"}
 
@@ -481,7 +467,7 @@ def test_a_frame_that_stops_midway_is_closed(make_server: type[Server]) -> None:
     srv = make_server("--public_streams", "--noauth", "--ws_frame_timeout=1", "--metrics_http=/metrics").start()
     with RawWS(srv.port, protocols=[EXT]) as ws:
         welcome_over(ws)
-        frame = _masked(b"z" * 1000)
+        frame = masked_frame(b"z" * 1000)
         ws.sock.sendall(frame[:18])  # header, mask and 10 of 1,000 bytes
         t0 = time.monotonic()
         assert read_close(ws) == 1008
