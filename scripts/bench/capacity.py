@@ -34,6 +34,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -56,6 +57,9 @@ from cablebench.stats import summary  # noqa: E402
 
 STREAM = "capacity"
 PING = b'"type":"ping"'
+SEQ = b'"seq":'
+# the tail of a stream message's frame: ...,"stream_id":"capacity","epoch":"…","offset":N}
+POSITION_RE = re.compile(rb'"epoch":"([^"]*)","offset":(\d+)')
 
 
 # --------------------------------------------------------------------------- load generator process
@@ -69,12 +73,14 @@ class Loadgen:
         self.args, self.pipe = args, pipe
         self.conns = [Conn(offset + i, STREAM) for i in range(n)]
         addrs = [a for a in (args.local_addrs or "").split(",") if a]
-        self.clients = Clients(u.hostname or "127.0.0.1", u.port or 80, u.path or "/cable", self.on_frame, addrs)
+        self.clients = Clients(u.hostname or "127.0.0.1", u.port or 80, u.path or "/cable", None, addrs, self.on_data)
         self.clients.watch(pipe.fileno(), self.on_command)
         self.pings = 0
         self.receipts: dict[int, list[float]] = {}
         self.seen: dict[int, int] = {}  # client → bitmap of the seqs it has
         self.duplicates = 0
+        self.last: dict[Conn, bytes] = {}
+        self.tails: dict[Conn, bytes] = {}
         self.dropped: Counter[str] = Counter()  # before the kill
         self.armed = False
         self.deadline = 0.0
@@ -87,26 +93,34 @@ class Loadgen:
         self.finished = 0
         self.first_drop = 0.0
 
-    # -- frames of connections that are done (subscribed or restored)
-    def on_frame(self, c: Conn, frame: wsframe.Frame, now: float) -> None:
-        p = frame.payload
-        if PING in p[:16]:
-            self.pings += 1
-            return
-        m = wsframe.SEQ_RE.search(p)
-        if m is None:
-            return
-        seq = int(m.group(1))
-        bit = 1 << seq
-        have = self.seen.get(c.i, 0)
-        if have & bit:
-            self.duplicates += 1
-            return
-        self.seen[c.i] = have | bit
-        self.receipts.setdefault(seq, []).append(now)
-        msg = json.loads(p)
-        c.offset = int(msg.get("offset") or c.offset)
-        c.epoch = str(msg.get("epoch") or c.epoch)
+    # -- what connections that are done (subscribed or restored) receive, scanned raw
+    def on_data(self, c: Conn, data: bytes, now: float) -> None:
+        tail = self.tails.pop(c, None)
+        if tail:
+            data = tail + data
+        self.pings += data.count(PING)
+        if SEQ in data:
+            for m in wsframe.SEQ_RE.finditer(data):
+                seq = int(m.group(1))
+                bit = 1 << seq
+                have = self.seen.get(c.i, 0)
+                if have & bit:
+                    self.duplicates += 1
+                    continue
+                self.seen[c.i] = have | bit
+                self.receipts.setdefault(seq, []).append(now)
+            self.last[c] = data  # its epoch and offset are read later, off the timed path
+        if data[-1] in wsframe.TAIL_BYTES:  # a "seq":N or "type":"ping" may be cut by this read
+            self.tails[c] = wsframe.carry_tail(data)
+
+    def note_positions(self) -> None:
+        """Each client's last stream position, for its history request after a restore."""
+        for c, data in self.last.items():
+            found = POSITION_RE.findall(data)
+            if found:
+                epoch, offset = found[-1]
+                c.epoch, c.offset = epoch.decode(), int(offset)
+        self.last = {}
 
     def on_command(self) -> None:
         cmd = self.pipe.recv()
@@ -115,6 +129,7 @@ class Loadgen:
         elif cmd == "receipts":
             self.pipe.send(("receipts", self.receipts, self.duplicates))
             self.receipts, self.seen, self.duplicates = {}, {}, 0
+            self.note_positions()
         elif cmd == "arm":
             self.armed = True
             self.deadline = time.monotonic() + self.args.restore_timeout
@@ -357,6 +372,8 @@ class Run:
         sent: dict[int, float] = {}
         status: Counter[int] = Counter()
         pad = "x" * a.payload
+        tree = ProcessTree(self.root_pid)
+        cpu0, lcpu0 = tree.cpu(), self.loadgen_cpu()
         start = time.monotonic()
         log(f"{name}: {count} broadcasts at {a.rate:g}/s")
         for k in range(count):
@@ -376,7 +393,9 @@ class Run:
         while time.monotonic() < deadline:
             if sum(s[2] for s in self.ask("stats")) >= expected:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
+        wall = time.monotonic() - start
+        cpu1, lcpu1 = tree.cpu(), self.loadgen_cpu()
         merged: dict[int, list[float]] = {}
         duplicates = 0
         for _, receipts, dup in self.ask("receipts"):
@@ -396,6 +415,11 @@ class Run:
             "latency_ms": summary(latency),
             "fanout_complete_ms": summary(fanout),
             "fanout_incomplete": len(sent) - len(fanout),
+            "wall_s": round(wall, 3),
+            "server_cpu_ms_per_1k": round(1e6 * (cpu1 - cpu0) / len(latency), 2)
+            if latency and cpu0 is not None and cpu1 is not None
+            else None,
+            "loadgen_cpu_ms_per_1k": round(1e6 * (lcpu1 - lcpu0) / len(latency), 2) if latency else None,
         }
 
     def restore(self, subscribed: int) -> None:

@@ -219,7 +219,8 @@ def test_capacity_prints_its_figures(tmp_path: Path, workers: int) -> None:
 
     prefix = unique_prefix()
     out = tmp_path / "capacity.json"
-    small = ["-n", "12", "--procs", "2", "--idle", "1", "--broadcasts", "2", "--rate", "20", "--settle", "0.2"]
+    small = ["-n", "12", "--procs", "2", "--idle", "1.2", "--ping-interval", "0.5"]
+    small += ["--broadcasts", "2", "--rate", "20", "--settle", "0.2"]
     args = [*small, f"--workers={workers}", f"--redis-url={REDIS_URL}", f"--redis-prefix={prefix}"]
     try:
         proc = subprocess.run(
@@ -233,6 +234,7 @@ def test_capacity_prints_its_figures(tmp_path: Path, workers: int) -> None:
     report = json.loads(out.read_text())
     assert report["connect"]["subscribed"] == 12
     assert report["memory"]["rss_kb_per_conn"] is not None
+    assert report["idle"]["pings_per_s"] > 0 and report["idle"]["server_cpu_pct"] is not None
     assert report["delivery"]["delivered"] == report["delivery"]["expected"] == 24
     assert report["restore"]["restored"] == 12 and report["after_restore"]["delivered"] == 12
     assert len(report["restore"]["killed"]) == workers

@@ -88,6 +88,7 @@ class Conn:
 
 
 FrameHandler = Callable[[Conn, wsframe.Frame, float], None]
+DataHandler = Callable[[Conn, bytes, float], None]
 
 
 class Clients:
@@ -100,10 +101,14 @@ class Clients:
         path: str,
         on_frame: FrameHandler | None = None,
         local_addrs: list[str] | None = None,
+        on_data: DataHandler | None = None,
     ) -> None:
         self.host, self.port, self.path = host, port, path
         self.local_addrs = local_addrs or []  # source addresses, by turns (~28k ports each)
         self.on_frame = on_frame
+        # Raw bytes of connections that are done, instead of frames: the cheap path of a load
+        # generator, which must then find what it looks for across read boundaries itself.
+        self.on_data = on_data
         self.ep = select.epoll()
         self.by_fd: dict[int, Conn] = {}
         self.extra: dict[int, Callable[[], None]] = {}  # other fds to wake up for (a control pipe)
@@ -189,20 +194,30 @@ class Clients:
         if not data:
             self._fail(c, f"{c.stage}: closed")
             return
+        if c.stage == "done" and self.on_data is not None:
+            self.on_data(c, data, now)
+            return
         if c.stage == "upgrade":
             rest = self._upgrade(c, data)
             if rest is None:
                 return
             data = rest
+        self._frames(c, data, now)
+
+    def _frames(self, c: Conn, data: bytes, now: float) -> None:
         for frame in c.parser.feed(data):
             if frame.opcode == wsframe.OP_CLOSE:
                 self._fail(c, f"{c.stage}: close frame")
                 return
             if c.stage == "done":
-                if self.on_frame is not None:
+                if self.on_data is not None:
+                    self.on_data(c, frame.payload, now)
+                elif self.on_frame is not None:
                     self.on_frame(c, frame, now)
             elif frame.opcode == wsframe.OP_TEXT and not self._handshake_message(c, json.loads(frame.payload), now):
                 return
+        if c.stage == "done" and self.on_data is not None and c.parser.buf:
+            self.on_data(c, c.parser.take_rest(), now)  # from now on its reads go there raw
 
     def _upgrade(self, c: Conn, data: bytes) -> bytes | None:
         """The bytes after the 101 response once it is complete (else None: wait, or failed)."""
