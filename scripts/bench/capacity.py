@@ -125,7 +125,9 @@ class Loadgen:
     def on_command(self) -> None:
         cmd = self.pipe.recv()
         if cmd == "stats":
-            self.pipe.send(("stats", self.pings, sum(map(len, self.receipts.values())), dict(self.dropped)))
+            t = os.times()
+            received = sum(map(len, self.receipts.values()))
+            self.pipe.send(("stats", self.pings, received, dict(self.dropped), t.user, t.system))
         elif cmd == "receipts":
             self.pipe.send(("receipts", self.receipts, self.duplicates))
             self.receipts, self.seen, self.duplicates = {}, {}, 0
@@ -302,6 +304,7 @@ class Run:
         rss0 = tree.rss() or 0
         t0 = time.monotonic()
         cpu0 = tree.cpu()
+        lcpu0 = cpu_seconds([os.getpid()])
         self.start_loadgen()
         got = [p.recv() for p in self.pipes]
         subscribed = sum(g[1] for g in got)
@@ -312,6 +315,7 @@ class Run:
             handshake += g[3]
         connect_s = time.monotonic() - t0
         cpu1 = tree.cpu()
+        lcpu1 = self.loadgen_cpu()
         self.figures["connect"] = {
             "subscribed": subscribed,
             "failed": a.clients - subscribed,
@@ -320,6 +324,7 @@ class Run:
             "rate_per_s": round(subscribed / connect_s, 1),
             "handshake_ms": summary(handshake),
             "server_cpu_s": round(cpu1 - cpu0, 3) if cpu0 is not None and cpu1 is not None else None,
+            "loadgen_cpu_s": round(lcpu1 - lcpu0, 3),
         }
         log(f"connected {subscribed}/{a.clients} in {connect_s:.1f} s {dict(errors) or ''}")
         time.sleep(a.settle)
@@ -374,6 +379,7 @@ class Run:
         pad = "x" * a.payload
         tree = ProcessTree(self.root_pid)
         cpu0, lcpu0 = tree.cpu(), self.loadgen_cpu()
+        us0 = self.ask("stats")
         start = time.monotonic()
         log(f"{name}: {count} broadcasts at {a.rate:g}/s")
         for k in range(count):
@@ -396,6 +402,9 @@ class Run:
             time.sleep(0.05)
         wall = time.monotonic() - start
         cpu1, lcpu1 = tree.cpu(), self.loadgen_cpu()
+        us1 = self.ask("stats")
+        user = sum(b[4] - a[4] for a, b in zip(us0, us1, strict=True))
+        system = sum(b[5] - a[5] for a, b in zip(us0, us1, strict=True))
         merged: dict[int, list[float]] = {}
         duplicates = 0
         for _, receipts, dup in self.ask("receipts"):
@@ -420,6 +429,7 @@ class Run:
             if latency and cpu0 is not None and cpu1 is not None
             else None,
             "loadgen_cpu_ms_per_1k": round(1e6 * (lcpu1 - lcpu0) / len(latency), 2) if latency else None,
+            "loadgen_clients_user_sys_s": [round(user, 2), round(system, 2)],
         }
 
     def restore(self, subscribed: int) -> None:
@@ -429,6 +439,8 @@ class Run:
         victims = self.workers()
         master_cpu = cpu_seconds([self.root_pid]) if self.root_pid not in victims else 0.0
         log(f"SIGKILL {victims}; {subscribed} clients reconnect with their sids")
+        net0 = tcp_counters()
+        lcpu0 = self.loadgen_cpu()
         t_kill = time.monotonic()
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
@@ -441,6 +453,8 @@ class Run:
             boot_s = round(time.monotonic() - t_kill, 3)
         results = [p.recv() for p in self.pipes]
         cpu = ProcessTree(self.root_pid).cpu()
+        net1 = tcp_counters()
+        lcpu1 = self.loadgen_cpu()
         done_at: list[float] = []
         restored = not_finished = retries = 0
         errors: Counter[str] = Counter()
@@ -461,9 +475,14 @@ class Run:
             "done_s": summary(since_kill),
             "first_drop_s": round(first_drop - t_kill, 3) if first_drop else None,
             "server_restart_s": boot_s,
-            "retries": retries,
+            "failed_attempts": sum(errors.values()),
             "errors": dict(errors.most_common(8)),
+            "reconnects": retries,
+            # system-wide (other processes' connections count too): SYNs dropped on a full
+            # accept queue, and SYNs sent again after a drop (1 s, then 3 s, 7 s … later)
+            "tcp": {k: net1.get(k, 0) - net0.get(k, 0) for k in TCP_COUNTERS},
             "server_cpu_s": round(cpu - master_cpu, 3) if cpu is not None else None,
+            "loadgen_cpu_s": round(lcpu1 - lcpu0, 3),
             "killed": victims,
         }
         # every restored client still receives broadcasts
@@ -475,6 +494,22 @@ class Run:
                 proc.kill()
         if self.server is not None:
             self.server.stop()
+
+
+TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
+
+
+def tcp_counters() -> dict[str, int]:
+    """TcpExt counters from /proc/net/netstat (for the whole network namespace)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return {}
+    out: dict[str, int] = {}
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            out.update(zip(head.split()[1:], map(int, values.split()[1:]), strict=False))
+    return out
 
 
 def redis_figures(a: argparse.Namespace) -> dict[str, Any] | None:
@@ -528,7 +563,7 @@ def line(f: dict[str, Any], a: argparse.Namespace) -> str:
         r = f["restore"]
         parts.append(
             f"restore: {r['restored']:,} restored, {r['new_session']:,} new sessions, {r['not_finished']:,} failed, "
-            f"all in {r['all_done_s']} s (p50 {r['done_s']['p50']} s, {r['retries']:,} retries)"
+            f"all in {r['all_done_s']} s (p50 {r['done_s']['p50']} s, {r['failed_attempts']:,} failed attempts retried)"
         )
     return "; ".join(parts)
 
