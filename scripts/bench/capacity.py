@@ -607,6 +607,7 @@ def main() -> None:
         u = urlsplit(a.url)
         a.broadcast_url = a.broadcast_url or f"http://{u.hostname}:8090/_broadcast"
     fresh_prefix = not a.redis_prefix
+    external = bool(a.url)  # (start_server sets a.url)
     a.redis_prefix = a.redis_prefix or f"capacity-{uuid.uuid4().hex[:8]}:"
     soft, _ = raise_nofile()
     if soft < a.clients // a.procs + 100:
@@ -615,12 +616,12 @@ def main() -> None:
         os.sched_setaffinity(0, parse_cpus(a.loadgen_cpus))
     run = Run(a)
     try:
-        if not a.url:
+        if not external:
             run.start_server()
         figures = run.run()
     finally:
         run.close()
-        if not a.url and fresh_prefix and (a.broker == "redis" or a.workers > 1 or a.pubsub == "redis"):
+        if not external and fresh_prefix and (a.broker == "redis" or a.workers > 1 or a.pubsub == "redis"):
             redis_cleanup(a)
     figures["config"] = {
         "clients": a.clients,
@@ -632,6 +633,8 @@ def main() -> None:
         "connect_concurrency": a.connect_concurrency,
         "restore_concurrency": a.restore_concurrency,
         "ping_interval": a.ping_interval,
+        "redis_prefix": a.redis_prefix if a.broker == "redis" or a.workers > 1 or a.pubsub == "redis" else None,
+        "redis_prefix_removed": not external and fresh_prefix,
         "server_cpus": a.server_cpus,
         "loadgen_cpus": a.loadgen_cpus,
     }

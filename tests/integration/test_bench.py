@@ -215,13 +215,16 @@ CAPACITY = ROOT / "scripts" / "bench" / "capacity.py"
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_capacity_prints_its_figures(tmp_path: Path, workers: int) -> None:
+    import redis
     from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
 
+    # one worker: the run's own prefix (removed by the tool); two: the test's
     prefix = unique_prefix()
+    own = ["--redis-prefix", prefix] if workers == 2 else []
     out = tmp_path / "capacity.json"
     small = ["-n", "12", "--procs", "2", "--idle", "1.2", "--ping-interval", "0.5"]
     small += ["--broadcasts", "2", "--rate", "20", "--settle", "0.2"]
-    args = [*small, f"--workers={workers}", f"--redis-url={REDIS_URL}", f"--redis-prefix={prefix}"]
+    args = [*small, f"--workers={workers}", f"--redis-url={REDIS_URL}", *own]
     try:
         proc = subprocess.run(
             [sys.executable, str(CAPACITY), *args, "--json", str(out)], capture_output=True, text=True, timeout=90
@@ -238,3 +241,8 @@ def test_capacity_prints_its_figures(tmp_path: Path, workers: int) -> None:
     assert report["delivery"]["delivered"] == report["delivery"]["expected"] == 24
     assert report["restore"]["restored"] == 12 and report["after_restore"]["delivered"] == 12
     assert len(report["restore"]["killed"]) == workers
+    if not own:
+        assert report["config"]["redis_prefix_removed"]
+        client = redis.Redis.from_url(REDIS_URL)
+        assert not list(client.scan_iter(match=f"{report['config']['redis_prefix']}*")), "its keys must be removed"
+        client.close()
