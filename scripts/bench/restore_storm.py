@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -32,101 +31,14 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cablebench import wsframe  # noqa: E402
+from cablebench.extclient import LINGER_RESET, Conn, run_phase  # noqa: E402
 from cablebench.procfs import ProcessTree, raise_nofile  # noqa: E402
-
-EXT = "actioncable-v1-ext-json"
-
-
-def identifier(i: int) -> str:
-    return json.dumps({"channel": "$pubsub", "stream_name": f"storm/{i % 100}"}, separators=(",", ":"))
-
-
-class Conn:
-    __slots__ = ("i", "sock", "key", "stage", "head", "parser", "sid", "restored", "done_at")
-
-    def __init__(self, i: int) -> None:
-        self.i = i
-        self.sock: socket.socket | None = None
-        self.key = b""
-        self.stage = "connect"
-        self.head = b""
-        self.parser = wsframe.FrameParser()
-        self.sid = ""
-        self.restored = False
-        self.done_at = 0.0
-
-
-def run_phase(conns: list[Conn], host: str, port: int, path: str, restore: bool, timeout: float) -> float:
-    """Open every connection; returns when all are done (subscribed, or restored with history)."""
-    ep = select.epoll()
-    by_fd: dict[int, Conn] = {}
-    for c in conns:
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex((host, port))
-        c.sock, c.stage, c.head, c.parser = s, "connect", b"", wsframe.FrameParser()
-        c.key = wsframe.new_key()
-        by_fd[s.fileno()] = c
-        ep.register(s.fileno(), select.EPOLLOUT | select.EPOLLIN)
-    left = len(conns)
-    deadline = time.monotonic() + timeout
-    while left and time.monotonic() < deadline:
-        for fd, ev in ep.poll(0.5):
-            c = by_fd[fd]
-            assert c.sock is not None
-            if c.stage == "connect" and ev & select.EPOLLOUT:
-                q = f"{path}?sid={c.sid}" if restore else path
-                c.sock.send(wsframe.upgrade_request(f"{host}:{port}", q, c.key, [EXT], []))
-                c.stage = "upgrade"
-                ep.modify(fd, select.EPOLLIN)
-                continue
-            if not ev & select.EPOLLIN:
-                continue
-            try:
-                data = c.sock.recv(65536)
-            except BlockingIOError:
-                continue
-            if not data:
-                c.stage = "failed"
-                left -= 1
-                ep.unregister(fd)
-                continue
-            if c.stage == "upgrade":
-                c.head += data
-                if b"\r\n\r\n" not in c.head:
-                    continue
-                head, _, data = c.head.partition(b"\r\n\r\n")
-                wsframe.check_upgrade(head, c.key)
-                c.stage = "ws"
-            for frame in c.parser.feed(data):
-                if frame.opcode != wsframe.OP_TEXT:
-                    continue
-                msg = json.loads(frame.payload)
-                kind = msg.get("type")
-                if kind == "welcome":
-                    if restore:
-                        c.restored = bool(msg.get("restored"))
-                        c.sid = msg.get("sid", c.sid)
-                        # what the JS client does after a restore: ask for what it missed
-                        req = {"command": "history", "identifier": identifier(c.i), "history": {"since": 1}}
-                        c.sock.send(wsframe.client_frame(json.dumps(req).encode()))
-                    else:
-                        c.sid = msg["sid"]
-                        sub = {"command": "subscribe", "identifier": identifier(c.i)}
-                        c.sock.send(wsframe.client_frame(json.dumps(sub).encode()))
-                elif kind in ("confirm_subscription", "confirm_history", "reject_history") and c.stage == "ws":
-                    c.stage = "done"
-                    c.done_at = time.monotonic()
-                    left -= 1
-    ep.close()
-    return time.monotonic()
 
 
 def worker(n: int, offset: int, args: argparse.Namespace, pipe: Any) -> None:
     u = urlsplit(args.url)
     host, port, path = u.hostname or "127.0.0.1", u.port or 80, u.path or "/cable"
-    conns = [Conn(offset + i) for i in range(n)]
+    conns = [Conn(offset + i, f"storm/{(offset + i) % 100}") for i in range(n)]
     run_phase(conns, host, port, path, False, args.timeout)
     pipe.send(("subscribed", sum(c.stage == "done" for c in conns)))
     pipe.recv()  # go: drop
@@ -134,7 +46,7 @@ def worker(n: int, offset: int, args: argparse.Namespace, pipe: Any) -> None:
         pipe.recv()  # the parent killed the workers: our sockets are dead
     for c in conns:
         if c.sock is not None:
-            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             c.sock.close()  # a reset, like a network drop
     pipe.send("dropped")
     t0 = pipe.recv()

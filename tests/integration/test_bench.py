@@ -208,3 +208,41 @@ def test_setup_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     proc, report = run_bench(tmp_path, "--url=http://127.0.0.1:1/cable", "-n", "1")
     assert proc.returncode == 2 and report == {}
     assert proc.stderr.strip().count("\n") == 0 and "--url must be ws://" in proc.stderr
+
+
+CAPACITY = ROOT / "scripts" / "bench" / "capacity.py"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_capacity_prints_its_figures(tmp_path: Path, workers: int) -> None:
+    import redis
+    from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
+
+    # one worker: the run's own prefix (removed by the tool); two: the test's
+    prefix = unique_prefix()
+    own = ["--redis-prefix", prefix] if workers == 2 else []
+    out = tmp_path / "capacity.json"
+    small = ["-n", "12", "--procs", "2", "--idle", "1.2", "--ping-interval", "0.5"]
+    small += ["--broadcasts", "2", "--rate", "20", "--settle", "0.2"]
+    args = [*small, f"--workers={workers}", f"--redis-url={REDIS_URL}", *own]
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(CAPACITY), *args, "--json", str(out)], capture_output=True, text=True, timeout=90
+        )
+    finally:
+        delete_prefix(REDIS_URL, prefix)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "KB/conn" in proc.stdout and "idle CPU" in proc.stdout and "delivery p50/p99" in proc.stdout
+    assert "restore: 12 restored, 0 new sessions, 0 failed" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["connect"]["subscribed"] == 12
+    assert report["memory"]["rss_kb_per_conn"] is not None
+    assert report["idle"]["pings_per_s"] > 0 and report["idle"]["server_cpu_pct"] is not None
+    assert report["delivery"]["delivered"] == report["delivery"]["expected"] == 24
+    assert report["restore"]["restored"] == 12 and report["after_restore"]["delivered"] == 12
+    assert len(report["restore"]["killed"]) == workers
+    if not own:
+        assert report["config"]["redis_prefix_removed"]
+        client = redis.Redis.from_url(REDIS_URL)
+        assert not list(client.scan_iter(match=f"{report['config']['redis_prefix']}*")), "its keys must be removed"
+        client.close()
