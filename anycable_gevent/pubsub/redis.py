@@ -128,10 +128,11 @@ class RedisPubSub(PubSub):
             self._wake.set()
 
     def unsubscribe(self, stream: str) -> None:
-        channel = self.desired.pop(stream, None)
-        if channel is not None:
-            # not confirmed any more: a new subscriber must wait for a new confirmation
-            self.confirmed.discard(channel)
+        # The channel stays confirmed until the flusher sends its UNSUBSCRIBE (which drops
+        # the confirmation): a subscriber of the stream arriving before that (the last one
+        # left and a new one came within a loop turn) needs no new one, and would never get
+        # one, since the flusher then sends nothing. It had waited SUBSCRIBE_WAIT (5 s).
+        if self.desired.pop(stream, None) is not None:
             self._wake.set()
 
     def wait_subscribed(self, streams: Collection[str], timeout: float) -> bool:

@@ -11,7 +11,10 @@ no error, every subscriber got every message exactly once and in order, the conn
 count is back to the subscribers, and the memory is back near its baseline.
 
 The seed is fixed and printed (``ANYCABLE_FUZZ_SEED`` overrides it, ``ANYCABLE_FUZZ_SECONDS``
-the duration). ``SERVER_ARGS`` lists the server command lines the test runs against.
+the duration). ``SERVER_ARGS`` lists the server command lines the test runs against. With
+``--workers``, "the server" is the master and its workers: the subscribers are spread over
+every worker, no worker may die or be replaced, the connection count is summed over them,
+and the memory of each worker must be back near its own baseline.
 """
 
 from __future__ import annotations
@@ -32,10 +35,29 @@ from typing import Any
 import pytest
 import websocket
 from helpers import BASE, EXT, Server, pubsub_id
+from procs import children, wait_children, worker_of
+from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
 
-#: One entry per server setup (each a list of CLI arguments); the memory broker in one process.
+#: One entry per server setup (each a list of CLI arguments): the memory broker in one
+#: process; two workers with the Redis broker and pub/sub (``{redis_url}`` and ``{prefix}``
+#: are filled in per run, a key prefix of its own that is deleted afterwards; metrics of both
+#: workers are summed through the master's metrics directory, refreshed every second).
 SERVER_ARGS: list[Any] = [
     pytest.param(["--public_streams", "--noauth", "--metrics_http=/metrics"], id="memory-1-process"),
+    pytest.param(
+        [
+            "--public_streams",
+            "--noauth",
+            "--metrics_http=/metrics",
+            "--workers=2",
+            "--broker=redis",
+            "--pubsub=redis",
+            "--redis_url={redis_url}",
+            "--redis_prefix={prefix}",
+            "--stats_refresh_interval=1",
+        ],
+        id="redis-2-workers",
+    ),
 ]
 
 SEED = int(os.environ.get("ANYCABLE_FUZZ_SEED", "1212"))
@@ -43,7 +65,7 @@ SECONDS = float(os.environ.get("ANYCABLE_FUZZ_SECONDS", "20"))
 FUZZERS = 30
 SUBSCRIBERS = 4
 STREAM = "live-fuzz-steady"
-#: RSS the server may keep after the fuzzers are gone, over its baseline (history and
+#: RSS the server (each worker) may keep after the fuzzers are gone, over its baseline (history and
 #: session snapshots of what the fuzzers did stay for their TTLs; the allocator keeps pages).
 RSS_MARGIN_KB = 32 * 1024
 
@@ -345,6 +367,7 @@ class Subscriber(threading.Thread):
     def __init__(self, srv: Server) -> None:
         super().__init__(daemon=True)
         self.ws = websocket.create_connection(srv.url, subprotocols=[EXT], timeout=5)
+        self.port = self.ws.sock.getsockname()[1]
         welcome = json.loads(self.ws.recv())
         assert welcome["type"] == "welcome", welcome
         self.identifier = pubsub_id(STREAM)
@@ -390,11 +413,50 @@ class Subscriber(threading.Thread):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("args", SERVER_ARGS)
 def test_live_fuzz(make_server: type[Server], args: list[str]) -> None:
+    prefix = unique_prefix()
+    args = [a.format(redis_url=REDIS_URL, prefix=prefix) for a in args]
+    try:
+        fuzz(make_server, args)
+    finally:
+        if any(a.startswith("--redis_prefix=") for a in args):
+            delete_prefix(REDIS_URL, prefix)
+
+
+def start_workers(srv: Server, args: list[str]) -> list[int]:
+    """The processes holding connections: the server itself, or its workers once all serve."""
+    assert srv.proc is not None
+    n = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--workers=")), 1)
+    if n == 1:
+        return [srv.proc.pid]
+    pids = wait_children(srv.proc.pid, n)
+    deadline = time.monotonic() + 15
+    while srv.output().count("worker serving index=") < n:
+        assert time.monotonic() < deadline, srv.output()[-3000:]
+        time.sleep(0.05)
+    return pids
+
+
+def spread_subscribers(srv: Server, pids: list[int]) -> list[Subscriber]:
+    """SUBSCRIBERS subscribers, on every worker in turn (reconnecting until one lands there)."""
+    subscribers: list[Subscriber] = []
+    for i in range(SUBSCRIBERS):
+        for _ in range(40):
+            sub = Subscriber(srv)
+            if len(pids) == 1 or worker_of(srv.port, sub.port, pids) == pids[i % len(pids)]:
+                subscribers.append(sub)
+                break
+            sub.ws.close()
+        else:
+            raise AssertionError(f"no subscriber landed on worker {pids[i % len(pids)]}")
+    return subscribers
+
+
+def fuzz(make_server: type[Server], args: list[str]) -> None:
     print(f"\nlive fuzz: seed={SEED} seconds={SECONDS:g} fuzzers={FUZZERS} server args={' '.join(args)}")
     srv = make_server(*args).start()
     assert srv.proc is not None
-    pid = srv.proc.pid
-    subscribers = [Subscriber(srv) for _ in range(SUBSCRIBERS)]
+    pids = start_workers(srv, args)
+    subscribers = spread_subscribers(srv, pids)
     for s in subscribers:
         s.start()
     # warm up every code path once before the baseline (imports, caches, the broker's structures)
@@ -402,7 +464,7 @@ def test_live_fuzz(make_server: type[Server], args: list[str]) -> None:
         srv.publish(STREAM, {"n": n})
     published = 20
     time.sleep(0.5)
-    baseline = rss_kb(pid)
+    baseline = {pid: rss_kb(pid) for pid in pids}
 
     stop = threading.Event()
     counts = Counts()
@@ -411,13 +473,14 @@ def test_live_fuzz(make_server: type[Server], args: list[str]) -> None:
     publisher = Publisher(srv, random.Random(rng.random()), stop, counts)
     for t in [*fuzzers, publisher]:
         t.start()
-    peak = baseline
+    peak = dict(baseline)
     deadline = time.monotonic() + SECONDS
     while time.monotonic() < deadline:
         published += 1
         srv.publish(STREAM, {"n": published})
         if published % 50 == 0:
-            peak = max(peak, rss_kb(pid))
+            for pid in pids:
+                peak[pid] = max(peak[pid], rss_kb(pid)) if os.path.exists(f"/proc/{pid}") else peak[pid]
             assert srv.proc.poll() is None, srv.output()[-5000:]
         time.sleep(0.01)
     stop.set()
@@ -435,16 +498,18 @@ def test_live_fuzz(make_server: type[Server], args: list[str]) -> None:
         time.sleep(0.2)
     clients = metric(srv, "clients_num")
     time.sleep(2.0)
-    after = rss_kb(pid)
+    workers = children(srv.proc.pid) if len(pids) > 1 else pids
+    after = {pid: rss_kb(pid) for pid in pids if pid in workers}
     output = srv.output()
+    crashes = output.count("worker died pid=") + sum(pid not in workers for pid in pids)
     status, _ = srv.get("/health")
     lost = sum(max(0, published - len({n for n, _ in s.got})) for s in subscribers)
     print(
         f"live fuzz: frames sent={counts.frames} connections={counts.connections} "
         f"closed by the server={counts.closed_by_server} bodies posted={counts.bodies} "
         f"statuses={dict(sorted(counts.statuses.items()))} messages published={published} "
-        f"checked={sum(len(s.got) for s in subscribers)} lost={lost} "
-        f"rss baseline={baseline} KB peak={peak} KB after={after} KB"
+        f"checked={sum(len(s.got) for s in subscribers)} lost={lost} worker crashes={crashes} "
+        f"rss KB per process: baseline={baseline} peak={peak} after={after}"
     )
 
     closes: dict[str, int] = {}
@@ -456,6 +521,7 @@ def test_live_fuzz(make_server: type[Server], args: list[str]) -> None:
     print(f"live fuzz: server closes by reason: {dict(sorted(closes.items(), key=lambda kv: -kv[1]))}")
 
     assert srv.proc.poll() is None, "the server crashed:\n" + output[-5000:]
+    assert crashes == 0 and workers == pids, (pids, workers, output[-5000:])  # no worker died or was replaced
     assert status == 200
     assert "Traceback" not in output, output[output.index("Traceback") - 2000 :][:6000]
     errors = [line for line in output.splitlines() if " ERR " in line]
@@ -470,4 +536,5 @@ def test_live_fuzz(make_server: type[Server], args: list[str]) -> None:
         assert offsets == list(range(offsets[0], offsets[0] + published))
         s.ws.close()
     assert clients == SUBSCRIBERS
-    assert after <= baseline + RSS_MARGIN_KB, (baseline, peak, after)
+    for pid in pids:
+        assert after[pid] <= baseline[pid] + RSS_MARGIN_KB, (pid, baseline, peak, after)
