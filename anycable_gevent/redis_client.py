@@ -24,6 +24,7 @@ Key layout (``P`` = ``--redis_prefix``; every key of one stream shares the hash 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -141,8 +142,16 @@ class RedisConnector:
             health_check_interval=HEALTH_CHECK_INTERVAL,
             retry_on_timeout=False,
             protocol=2,  # RESP2: pub/sub messages are plain replies (RESP3 hands them to push callbacks)
+            client_name=self.client_name(),
         )
         self._client = redis.Redis(connection_pool=pool)
+
+    @staticmethod
+    def client_name(role: str = "") -> str:
+        """What ``CLIENT LIST`` shows for this worker's connections: ``anycable-gevent:<pid>``,
+        with ``:<role>`` for a dedicated one (``pubsub``, ``redisx``...)."""
+        name = f"anycable-gevent:{os.getpid()}"
+        return f"{name}:{role}" if role else name
 
     @property
     def client(self) -> Any:
@@ -151,11 +160,12 @@ class RedisConnector:
             raise RuntimeError("RedisConnector.start() has not been called")
         return self._client
 
-    def dedicated(self, socket_timeout: float | None) -> Any:
+    def dedicated(self, socket_timeout: float | None, role: str) -> Any:
         """A connection of its own (pub/sub listeners, blocking stream reads), not pooled."""
         pool = self.client.connection_pool
         kwargs = dict(pool.connection_kwargs)
         kwargs["socket_timeout"] = socket_timeout
+        kwargs["client_name"] = self.client_name(role)
         kwargs["health_check_interval"] = 0
         return pool.connection_class(**kwargs)
 

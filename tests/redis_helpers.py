@@ -38,6 +38,19 @@ def delete_prefix(url: str, prefix: str) -> None:
         client.close()
 
 
+def kill_pubsub_connections(url: str, pid: int) -> int:
+    """CLIENT KILL the pub/sub connections of one server process (by the name it gives them),
+    never anybody else's on the shared Redis; returns how many were killed."""
+    client = redis.Redis.from_url(url)
+    try:
+        ours = [c for c in client.client_list(_type="pubsub") if c.get("name") == f"anycable-gevent:{pid}:pubsub"]
+        for c in ours:
+            client.client_kill_filter(_id=c["id"])
+        return len(ours)
+    finally:
+        client.close()
+
+
 class PrivateRedis:
     """A ``redis-server`` of the test's own, on a free loopback port.
 

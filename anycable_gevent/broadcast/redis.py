@@ -113,7 +113,7 @@ class RedisBroadcaster(Broadcaster):
             gevent.sleep(backoff.next())
 
     def _connect(self) -> None:
-        conn = self.connector.dedicated(socket_timeout=None)
+        conn = self.connector.dedicated(socket_timeout=None, role="broadcast")
         self._conn = conn
         conn.connect()
         conn.send_command("SUBSCRIBE", self.channel)

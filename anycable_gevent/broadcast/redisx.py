@@ -239,7 +239,7 @@ class RedisStreamBroadcaster(Broadcaster):
                 gevent.sleep(backoff.next())
 
     def _connect(self) -> None:
-        conn = self.connector.dedicated(socket_timeout=BLOCK_MS / 1000.0 + COMMAND_TIMEOUT)
+        conn = self.connector.dedicated(socket_timeout=BLOCK_MS / 1000.0 + COMMAND_TIMEOUT, role="redisx")
         self._conn = conn
         conn.connect()
         try:

@@ -205,7 +205,7 @@ class RedisPubSub(PubSub):
             gevent.sleep(backoff.next())
 
     def _connect(self) -> None:
-        conn = self.redis.dedicated(socket_timeout=None)
+        conn = self.redis.dedicated(socket_timeout=None, role="pubsub")
         conn.connect()
         self.requested = set()
         self.confirmed = set()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 from helpers import EXT, Server, connected, counter, pubsub_id, wait_for
-from redis_helpers import REDIS_URL, PrivateRedis, delete_prefix, unique_prefix
+from redis_helpers import REDIS_URL, PrivateRedis, delete_prefix, kill_pubsub_connections, unique_prefix
 from tcp_proxy import Proxy
 
 
@@ -164,7 +164,8 @@ def test_a_killed_pubsub_connection_is_remade_and_resubscribed(make_server: type
             client = redis.Redis.from_url(REDIS_URL)
             channel = f"{prefix}{{killed}}:c".encode()
             wait_for(lambda: client.pubsub_numsub(channel)[0][1] == 1, what="the subscription")
-            client.client_kill_filter(_type="pubsub", skipme=True)
+            assert a.proc is not None
+            assert kill_pubsub_connections(REDIS_URL, a.proc.pid) == 1
             wait_for(lambda: counter(a, "pubsub_reconnects_total") >= 1, what="a reconnect")
             wait_for(lambda: client.pubsub_numsub(channel)[0][1] == 1, what="the resubscription")
             a.publish("killed", "again")
