@@ -25,6 +25,17 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
+def age(pid: int) -> float | None:
+    """Seconds since the process started (None if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError):
+        return None
+    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kb(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

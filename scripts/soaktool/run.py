@@ -85,7 +85,6 @@ class Chaos:
         self.worker_kills = 0
         self.killed: list[int] = []
         self._resubscribe: dict[tuple[Client, Track], gevent.Greenlet] = {}
-        self._seen: dict[int, float] = {}
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> None:
@@ -139,14 +138,11 @@ class Chaos:
         while True:
             gevent.sleep(self.opts.kill_workers_every)
             self.enabled.wait()
-            now = time.monotonic()
-            workers = self.dep.workers()
-            for pid in workers:
-                self._seen.setdefault(pid, now)
-            old = [pid for pid in workers if now - self._seen[pid] >= WORKER_MIN_AGE]
+            ages = {pid: probes.age(pid) or 0.0 for pid in self.dep.workers()}
+            old = [pid for pid, age in ages.items() if age >= WORKER_MIN_AGE]
             if not old:
                 continue
-            victim = min(old, key=lambda pid: self._seen[pid])
+            victim = max(old, key=lambda pid: ages[pid])
             try:
                 os.kill(victim, signal.SIGKILL)
             except OSError:
