@@ -161,8 +161,11 @@ def summary(f: dict[str, Any], checks: list[Check]) -> str:
             f"presence {w['presence']} -> {e['presence']}, other {w['other']} -> {e['other']}; "
             f"without TTL {len(keys['persistent'])})"
         )
-    lines.append(f"  log errors {f['log_errors']}, warnings {f['log_warnings']}")
-    for example in f.get("log_error_examples", [])[:3]:
+    lines.append(
+        f"  log errors {f['log_errors']}, warnings {f['log_warnings']} "
+        f"({f['log_unexpected_warnings']} other than the banner's and killed workers')"
+    )
+    for example in f.get("log_examples", [])[:3]:
         lines.append(f"    {example}")
     for example in f.get("problem_examples", [])[:5]:
         lines.append(f"    {example}")

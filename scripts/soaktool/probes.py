@@ -160,12 +160,16 @@ def _glob_escape(text: str) -> str:
 
 ERROR_LINE = re.compile(r" ERR |Traceback \(most recent call last\)|\"level\":\s*\"error\"")
 WARN_LINE = re.compile(r" WRN |\"level\":\s*\"warn")
+#: warnings a soak causes on purpose: the banner's (public streams, no auth) and killed workers
+EXPECTED_WARNING = re.compile(r"--noauth|--public|worker died pid=\d+ killed by SIGKILL")
 
 
 @dataclass
 class LogFigures:
     errors: int = 0
     warnings: int = 0
+    #: warnings other than :data:`EXPECTED_WARNING`
+    unexpected_warnings: int = 0
     examples: list[str] = field(default_factory=list)
 
 
@@ -184,6 +188,10 @@ def scan_logs(paths: list[Path], offsets: dict[Path, int] | None = None) -> LogF
                             out.examples.append(f"{path.name}: {line[:300]}")
                     elif WARN_LINE.search(line):
                         out.warnings += 1
+                        if not EXPECTED_WARNING.search(line):
+                            out.unexpected_warnings += 1
+                            if len(out.examples) < 10:
+                                out.examples.append(f"{path.name}: {line[:300]}")
         except OSError:
             continue
     return out

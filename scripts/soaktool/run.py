@@ -3,8 +3,8 @@
 Phases: start (or find) the servers; connect every client and subscribe; publish; after
 the warm-up, pause the chaos, wait until every client is back and subscribed, and take the
 first sample (RSS, fds, Redis keys); resume until the end; stop the chaos, resubscribe
-everything, stop publishing, wait until every client has caught up, take the last sample,
-check.
+everything, take the last sample in the same state, stop publishing, wait until every
+client has caught up, check.
 """
 
 from __future__ import annotations
@@ -225,6 +225,7 @@ def _soak(opts: Options, dep: Deployment, rng: random.Random) -> tuple[dict[str,
     gevent.sleep(min(opts.warmup, opts.duration / 2))
     chaos.pause()
     settled_warm = _wait(lambda: all(c.settled for c in clients), 30)
+    gevent.sleep(3.0)  # connections the clients reset are gone on the server's side too
     warm_procs = probes.sample_processes(dep.pids)
     marker = f"{{soak/{run_id}/"
     warm_keys = probes.census(dep.redis_url, dep.redis_prefix, marker) if dep.redis_url else None
@@ -243,7 +244,12 @@ def _soak(opts: Options, dep: Deployment, rng: random.Random) -> tuple[dict[str,
 
     chaos.stop()
     _wait(lambda: all(c.settled for c in clients), 60)
-    gevent.sleep(1.0)
+    gevent.sleep(3.0)
+    # the last sample in the state of the first one: every client back, publications going on
+    end_procs = probes.sample_processes(dep.pids)
+    end_keys = probes.census(dep.redis_url, dep.redis_prefix, marker) if dep.redis_url else None
+    ttl = opts.sessions_ttl + 5
+    recent_ends = sum(1 for t in counters.ended_at if t > time.monotonic() - ttl)
     publisher.stop()
     published = publisher.published
 
@@ -257,11 +263,6 @@ def _soak(opts: Options, dep: Deployment, rng: random.Random) -> tuple[dict[str,
         )
 
     caught = _wait(caught_up, 20)
-    gevent.sleep(0.5)
-    end_procs = probes.sample_processes(dep.pids)
-    end_keys = probes.census(dep.redis_url, dep.redis_prefix, marker) if dep.redis_url else None
-    ttl = opts.sessions_ttl + 5
-    recent_ends = sum(1 for t in counters.ended_at if t > time.monotonic() - ttl)
     elapsed = time.monotonic() - started
     verdict = analyse([(c.index, t) for c in clients for t in c.tracks.values()], published)
     unsettled = sum(not c.settled for c in clients)
@@ -291,7 +292,8 @@ def _soak(opts: Options, dep: Deployment, rng: random.Random) -> tuple[dict[str,
         "caught_up": caught,
         "log_errors": logs.errors,
         "log_warnings": logs.warnings,
-        "log_error_examples": logs.examples,
+        "log_unexpected_warnings": logs.unexpected_warnings,
+        "log_examples": logs.examples,
         "server_exit_codes": exit_codes,
         "server_ttls": topology.SERVER_TTLS if opts.topology else None,
     }
