@@ -19,7 +19,7 @@ from soaktool.topology import SERVER_TTLS, TOPOLOGIES
 DESCRIPTION = """\
 Soak test: N extended-protocol clients on M public streams ($pubsub, --public_streams
 --noauth), a steady rate of numbered publications, random socket kills (the clients come
-back with ?sid= and restore), random unsubscribe/resubscribe with history from the last
+back with ?sid= and restore, or some as new sessions resubscribing from their offsets), random unsubscribe/resubscribe with history from the last
 offset, optionally SIGKILL of a worker; checks that every client got every accepted
 message of its streams exactly once and in order, and samples RSS, fds, Redis keys and
 log errors. Exit code 0 when every check passes, 1 when one fails, 2 on a setup error.
@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", type=float, default=50.0, help="publications per second, over all streams")
     load.add_argument("--pad", type=int, default=0, help="extra payload bytes per message")
     load.add_argument("--kill-rate", type=float, default=2.0, help="socket kills per second")
+    load.add_argument(
+        "--fresh-fraction", type=float, default=0.1, help="share of killed clients that come back without their sid"
+    )
     load.add_argument("--toggle-rate", type=float, default=2.0, help="unsubscribe/resubscribe per second")
     load.add_argument(
         "--kill-workers-every", type=float, default=0.0, metavar="S", help="SIGKILL a worker every S seconds"
@@ -108,6 +111,7 @@ def _options(a: argparse.Namespace, p: argparse.ArgumentParser) -> Options:
         rate=a.rate,
         pad=a.pad,
         kill_rate=a.kill_rate,
+        fresh_fraction=a.fresh_fraction,
         toggle_rate=a.toggle_rate,
         kill_workers_every=a.kill_workers_every,
         warmup=warmup,
@@ -136,6 +140,7 @@ def summary(f: dict[str, Any], checks: list[Check]) -> str:
         f"{f['published_not_accepted']} not",
         f"  reconnects {f['reconnects']} (socket kills {f['socket_kills']}, worker kills {f['worker_kills']}, "
         f"server closes {f['server_closes']}), restores {f['restores']}, failed restores {f['restore_failed']}, "
+        f"new sessions {f['fresh_sessions']}, "
         f"connect errors {f['connect_errors']}, unsubscribe/resubscribe {f['unsubscribes']}/{f['resubscribes']}",
         f"  messages checked {f['checked']}, duplicates {f['duplicates']}, gaps {f['gaps']}, "
         f"out of order {f['out_of_order']}, reject_history {f['reject_history']}, "

@@ -43,6 +43,8 @@ class Counters:
     restore_failed: int = 0
     connect_errors: int = 0
     socket_kills: int = 0
+    #: reconnects without ``?sid=`` (a new session resubscribing with history from its offsets)
+    fresh_sessions: int = 0
     server_closes: int = 0
     disconnect_messages: int = 0
     unsubscribes: int = 0
@@ -65,6 +67,8 @@ class Client:
         self.connected = False
         self.welcomed = False
         self.stopped = False
+        #: reconnect as a new session next time
+        self.forget = False
         self._greenlet: gevent.Greenlet | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -93,6 +97,9 @@ class Client:
         while not self.stopped:
             if not first:
                 gevent.sleep(random.uniform(0.05, 0.5) if backoff <= 0.1 else backoff)
+            if self.forget:
+                self.sid, self.forget = "", False
+                self.counters.fresh_sessions += 1
             target = self.url + (f"?sid={self.sid}" if self.sid else "")
             try:
                 conn = WSConn(target, EXT)
@@ -201,12 +208,14 @@ class Client:
         t.requested()
 
     # ------------------------------------------------------------------ chaos
-    def kill(self) -> bool:
-        """Drop the connection with a reset; the client reconnects by itself."""
+    def kill(self, forget: bool = False) -> bool:
+        """Drop the connection with a reset; the client reconnects by itself (``forget``:
+        without its sid, so as a new session)."""
         conn = self.conn
         if conn is None or not self.welcomed:
             return False
         self.counters.socket_kills += 1
+        self.forget = forget
         conn.kill()
         return True
 

@@ -49,6 +49,7 @@ class Options:
     rate: float
     pad: int
     kill_rate: float
+    fresh_fraction: float
     toggle_rate: float
     kill_workers_every: float
     warmup: float
@@ -120,7 +121,7 @@ class Chaos:
 
     def _kill_socket(self) -> None:
         for _ in range(5):
-            if self.rng.choice(self.clients).kill():
+            if self.rng.choice(self.clients).kill(forget=self.rng.random() < self.opts.fresh_fraction):
                 return
 
     def _toggle(self) -> None:
