@@ -18,10 +18,10 @@ def test_ruff() -> None:
 
 
 def test_ruff_format() -> None:
-    result = _run("ruff", "format", "--check", "anycable_gevent")
+    result = _run("ruff", "format", "--check", "anycable_gevent", "scripts/soaktool")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy() -> None:
-    result = _run("mypy", "anycable_gevent")
+    result = _run("mypy", "anycable_gevent", "scripts/soaktool")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,1 @@
+"""Soak test for AnyCable-compatible servers (``scripts/soak``; see README.rst, "Soak testing")."""
