@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 import websocket
-from helpers import BASE, EXT, Server, pubsub_id
+from helpers import BASE, EXT, Server, metric, pubsub_id, rss_kb
 from procs import children, wait_children, worker_of
 from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
 
@@ -71,23 +71,6 @@ RSS_MARGIN_KB = 32 * 1024
 
 PROTOCOLS = [[EXT], [BASE], [], ["garbage"], [EXT, BASE], ["anycable-token.x", EXT]]
 STREAMS = [STREAM, "fz-a", "fz-b", "fz/c", "", "fz-" + "x" * 300, "fz-é💥"]
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def metric(srv: Server, name: str) -> float:
-    status, text = srv.get("/metrics")
-    assert status == 200
-    for line in text.splitlines():
-        if line.startswith(f"anycable_go_{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 # ---------------------------------------------------------------------- random input

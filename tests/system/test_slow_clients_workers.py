@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from helpers import EXT, RawWS, Server, pubsub_id
+from helpers import EXT, RawWS, Server, metric, pubsub_id, rss_kb
 from procs import wait_children, worker_of
 from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
 
@@ -76,14 +76,6 @@ def server_args(prefix: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------- /proc
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def tcp_wmem_max() -> int:
@@ -305,15 +297,6 @@ class Publisher:
         assert resp.status == 201, resp.status
         self.sent += 1
         self.bytes_sent += len(data)
-
-
-def metric(srv: Server, name: str) -> float:
-    status, text = srv.get("/metrics")
-    assert status == 200
-    for line in text.splitlines():
-        if line.startswith(f"anycable_go_{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 def wait_metric(srv: Server, name: str, value: float, timeout: float = 10.0) -> float:
