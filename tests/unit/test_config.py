@@ -403,6 +403,13 @@ def test_redis_broadcast_adapters_in_one_process() -> None:
         (["--redis_url=http://x"], {}, ["--redis_url"]),
         (["--enable_ws_compression"], {}, ["--enable_ws_compression"]),
         (["--unknown_option=1"], {}, ["--unknown_option"]),
+        (["--handshake_concurrency=0"], {}, ["--handshake_concurrency"]),
+        (["--handshake_timeout=0"], {}, ["--handshake_timeout"]),
+        (["--http_body_timeout=-1"], {}, ["--http_body_timeout"]),
+        (["--workers=0"], {}, ["--workers"]),
+        (["--worker_timeout=0"], {}, ["--worker_timeout"]),
+        (["--workers=2"], {}, ["--workers", "--broker"]),
+        (["--redis_keepalive_interval=0", "--broker=redis"], {}, ["--redis_keepalive_interval"]),
     ],
 )
 def test_bad_values_name_the_option(argv: list[str], environ: dict[str, str], names: list[str]) -> None:
