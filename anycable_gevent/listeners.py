@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from anycable_gevent.config import Config
 from anycable_gevent.errors import ConfigError
 
-LISTEN_BACKLOG = 4096
+#: Asked of listen(): Linux caps it at net.core.somaxconn, so the accept queue is as deep as the
+#: system allows (what Go's listeners, and so anycable-go's, get too).
+LISTEN_BACKLOG = 65535
 
 # What a path of a port serves.
 HEALTH = "health"
