@@ -272,8 +272,8 @@ class Config:
     reuseport: bool = _opt(
         False,
         "process",
-        "With --workers > 1: a listening socket per worker (SO_REUSEPORT) instead of one shared socket: less "
-        "CPU per connection; set net.ipv4.tcp_migrate_req=1 so a worker that stops hands its queue on",
+        "With --workers > 1: a listening socket per worker (SO_REUSEPORT) instead of one shared socket, "
+        "connections hashed evenly over them; set net.ipv4.tcp_migrate_req=1 so a worker that stops hands its queue on",
     )
     worker_timeout: float = _opt(
         30.0, "process", "Seconds a worker's event loop may be blocked before the master kills and replaces it"
