@@ -117,6 +117,21 @@ class Keys:
         return f"{self.prefix}sess:{sid}"
 
 
+def describe_error(exc: BaseException) -> str:
+    """A Redis or socket error as one short line (for logs and ``/health``)."""
+    return (str(exc) or type(exc).__name__)[:200]
+
+
+def close_quietly(conn: Any, what: str) -> None:
+    """Disconnect a dedicated connection; a failure to close is only logged at debug."""
+    if conn is None:
+        return
+    try:
+        conn.disconnect()
+    except Exception:
+        log.debug("closing %s failed", what, exc_info=True)
+
+
 class RedisConnector:
     """Redis clients for one worker (constructed pre-fork without I/O; :meth:`start` connects lazily)."""
 

@@ -467,6 +467,22 @@ class ConnectionGate:
         return bool(self.limit) and self.open >= self.limit
 
 
+class _HandshakeSlot:
+    """One connection's place under ``--handshake_concurrency``, given back once (when its
+    upgrade is done, or when its handler ends, whichever comes first)."""
+
+    __slots__ = ("server", "held")
+
+    def __init__(self, server: CableServer) -> None:
+        self.server = server
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.server.release_handshake()
+
+
 class CableServer(WSGIServer):
     """A pywsgi server whose WebSocket connections outlive their WSGI handler.
 
@@ -520,28 +536,24 @@ class CableServer(WSGIServer):
         super().do_handle(*args)
 
     def handle(self, sock: Any, address: Any) -> None:
-        done = [False]
+        slot = _HandshakeSlot(self)
         try:
-            self._serve_connection(sock, address, done)
+            self._serve_connection(sock, address, slot)
         finally:
-            self._handshake_over(done)
+            slot.release()
 
-    def _handshake_over(self, done: list[bool]) -> None:
-        """A connection's handshake is over (upgraded, answered or closed): one more may start."""
-        if done[0]:
-            return
-        done[0] = True
+    def release_handshake(self) -> None:
         self._handshakes -= 1
         if self._handshakes == self.limits.handshake_concurrency - 1:
             getattr(self, "_start_accepting_if_started")()  # noqa: B009 - gevent's private hook
 
-    def _serve_connection(self, sock: Any, address: Any, done: list[bool]) -> None:
+    def _serve_connection(self, sock: Any, address: Any, slot: _HandshakeSlot) -> None:
         gate = self.gate
         if gate is not None and gate.full():
             self._refuse(sock)
             return
         handler = self.handler_class(sock, address, self)
-        handler.handshake_over = lambda: self._handshake_over(done)
+        handler.handshake_over = slot.release
         if gate is None:
             handler.handle()
             return

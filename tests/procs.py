@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
+
+from cablebench import procfs  # noqa: E402
 
 
 def children(pid: int) -> list[int]:
@@ -52,25 +57,7 @@ def wait_children(pid: int, n: int, timeout: float = 15.0, exclude: set[int] | N
 
 
 def worker_of(server_port: int, client_port: int, pids: list[int]) -> int:
-    """The worker holding the server side of the connection from ``client_port``.
-
-    ``/proc/net/tcp`` may list tens of thousands of sockets on a shared machine: the line is
-    found by its addresses (local, remote) as bytes, not parsed line by line.
-    """
-    with open("/proc/net/tcp", "rb") as f:
-        table = f.read()
-    at = table.find(b"0100007F:%04X 0100007F:%04X " % (server_port, client_port))
-    inode = table[at : table.find(b"\n", at)].split()[8].decode() if at >= 0 else ""
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return pid
-            except OSError:
-                pass
-    raise AssertionError(f"no worker holds the server side of port {client_port}")
+    """The worker holding the server side of the connection from ``client_port``."""
+    pid = procfs.worker_of(server_port, client_port, pids)
+    assert pid, f"no worker holds the server side of port {client_port}"
+    return pid

@@ -32,7 +32,7 @@ from anycable_gevent.config import Config
 from anycable_gevent.errors import ProtocolError
 from anycable_gevent.log import Throttle
 from anycable_gevent.metrics import Metrics
-from anycable_gevent.redis_client import RedisConnector
+from anycable_gevent.redis_client import RedisConnector, close_quietly, describe_error
 
 log = logging.getLogger("anycable_gevent.broadcast")
 
@@ -100,7 +100,7 @@ class RedisBroadcaster(Broadcaster):
                 raise
             except Exception as exc:  # redis-py errors, sockets: log a line, retry
                 self.attempts += 1
-                self._problem = _describe(exc)
+                self._problem = describe_error(exc)
                 self._errors.warning(
                     "redis broadcaster: Redis unavailable, retrying target=%s channel=%s attempt=%d error=%s "
                     "(broadcasts published meanwhile are lost for this node; retrying without limit)",
@@ -120,11 +120,7 @@ class RedisBroadcaster(Broadcaster):
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.disconnect()
-            except Exception:
-                log.debug("closing the broadcast listener's connection failed", exc_info=True)
+        close_quietly(conn, "the broadcast listener's connection")
 
     def _listen(self, backoff: Backoff) -> None:
         conn = self._conn
@@ -171,8 +167,3 @@ class RedisBroadcaster(Broadcaster):
             self.handler.handle_fanout(publication)
         except Exception:  # one bad message must not take the listener down
             self._errors.error("redis broadcaster: handling a publication failed", exc_info=True)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text[:200]

@@ -65,7 +65,7 @@ from anycable_gevent.errors import BrokerError, ProtocolError
 from anycable_gevent.log import Throttle
 from anycable_gevent.metrics import Metrics
 from anycable_gevent.protocol import StreamMessage
-from anycable_gevent.redis_client import COMMAND_TIMEOUT, RedisConnector
+from anycable_gevent.redis_client import COMMAND_TIMEOUT, RedisConnector, close_quietly, describe_error
 
 log = logging.getLogger("anycable_gevent.broadcast")
 
@@ -196,7 +196,7 @@ class RedisStreamBroadcaster(Broadcaster):
                 return
             client.xgroup_delconsumer(self.stream, GROUP, self.consumer)
         except Exception as exc:  # Redis down at shutdown: the next node's start cleans up
-            log.info("redisx: consumer %s not removed from group %s: %s", self.consumer, GROUP, _describe(exc))
+            log.info("redisx: consumer %s not removed from group %s: %s", self.consumer, GROUP, describe_error(exc))
 
     def announce(self) -> str:
         return (
@@ -224,7 +224,7 @@ class RedisStreamBroadcaster(Broadcaster):
                 raise
             except Exception as exc:  # redis-py errors, sockets: log a line, retry
                 self.attempts += 1
-                self._problem = _describe(exc)
+                self._problem = describe_error(exc)
                 self._errors.warning(
                     "redisx: %s, retrying target=%s stream=%s attempt=%d error=%s "
                     "(entries wait in the stream; retrying without limit)",
@@ -255,7 +255,7 @@ class RedisStreamBroadcaster(Broadcaster):
                     self.connector.client, self.stream, GROUP, STALE_CONSUMER_IDLE, keep=self.consumer
                 )
             except Exception as exc:  # housekeeping only
-                log.info("redisx: stale consumers not checked: %s", _describe(exc))
+                log.info("redisx: stale consumers not checked: %s", describe_error(exc))
             else:
                 if removed:
                     log.info("redisx: removed stale consumers of group %s: %s", GROUP, ", ".join(removed))
@@ -273,11 +273,7 @@ class RedisStreamBroadcaster(Broadcaster):
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.disconnect()
-            except Exception:
-                log.debug("closing the redisx connection failed", exc_info=True)
+        close_quietly(conn, "the redisx connection")
 
     def _consume(self, backoff: Backoff) -> None:
         refusals = Backoff(0.25, BACKOFF_CAP)
@@ -400,7 +396,7 @@ class RedisStreamBroadcaster(Broadcaster):
                 log.info("redisx: publications accepted again stream=%s", self.stream)
                 self._refused = None
             return True
-        self._refused = _describe(refused)
+        self._refused = describe_error(refused)
         self._own_first = True
         self._errors.warning(
             "redisx: publication not accepted, entries stay pending stream=%s error=%s", self.stream, self._refused
@@ -460,8 +456,3 @@ def _entry(raw: Any) -> Entry:
 
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text[:200]

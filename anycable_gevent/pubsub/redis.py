@@ -44,7 +44,7 @@ from anycable_gevent.log import Throttle
 from anycable_gevent.metrics import Metrics
 from anycable_gevent.protocol import RemoteCommand, StreamMessage
 from anycable_gevent.pubsub.base import PubSub
-from anycable_gevent.redis_client import RedisConnector
+from anycable_gevent.redis_client import RedisConnector, close_quietly, describe_error
 
 log = logging.getLogger("anycable_gevent.pubsub")
 
@@ -196,7 +196,7 @@ class RedisPubSub(PubSub):
             except gevent.GreenletExit:
                 raise
             except Exception as exc:
-                self._problem = _describe(exc)
+                self._problem = describe_error(exc)
                 self._errors.warning(
                     "redis pubsub connection lost, reconnecting target=%s error=%s", self.redis.describe(), exc
                 )
@@ -217,11 +217,7 @@ class RedisPubSub(PubSub):
         self.requested = set()
         self.confirmed = set()
         self._notify()
-        if conn is not None:
-            try:
-                conn.disconnect()
-            except Exception:
-                log.debug("closing the pub/sub connection failed", exc_info=True)
+        close_quietly(conn, "the pub/sub connection")
 
     def _listen(self, resubscribing: bool) -> None:
         conn = self._conn
@@ -271,8 +267,3 @@ class RedisPubSub(PubSub):
                 self.handler.handle_pubsub(msg)
         except Exception:  # one bad message must not take the listener down
             self._errors.error("handling a pub/sub message failed", exc_info=True)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text[:200]

@@ -64,7 +64,16 @@ def main() -> None:
     for rnd in range(args.rounds):
         for name, extra in setups:
             report = out / f"{name}-{rnd}.json"
-            cmd = [str(HERE / "broadcast"), "-n", str(args.clients), "-q", "--json", str(report), "--procs", str(args.procs)]
+            cmd = [
+                str(HERE / "broadcast"),
+                "-n",
+                str(args.clients),
+                "-q",
+                "--json",
+                str(report),
+                "--procs",
+                str(args.procs),
+            ]
             if args.server_cpus:
                 cmd += ["--server-cpus", args.server_cpus]
             if args.loadgen_cpus:

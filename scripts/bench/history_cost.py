@@ -114,8 +114,16 @@ def main() -> None:
         os.sched_setaffinity(0, {0})
     log = tempfile.NamedTemporaryFile(prefix="history-cost-", suffix=".log", delete=False)
     cmd = [
-        *pin, sys.executable, "-m", "anycable_gevent", "--host=127.0.0.1", f"--port={port}",
-        f"--http_broadcast_port={bport}", "--public_streams", "--noauth", f"--history_limit={m}",
+        *pin,
+        sys.executable,
+        "-m",
+        "anycable_gevent",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--http_broadcast_port={bport}",
+        "--public_streams",
+        "--noauth",
+        f"--history_limit={m}",
         "--log_level=warn",
     ]
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -172,7 +180,9 @@ def main() -> None:
     print(f"  {m} live deliveries to one client:      {live / 1000:8.1f} us")
     print(f"  subscribe without history:              {plain / 1000:8.1f} us")
     print(f"  subscribe with a {m}-message catch-up: {hist / 1000:8.1f} us")
-    print(f"  catch-up of {m} messages:               {catch_up / 1000:8.1f} us = {catch_up / live:.2f} x {m} live deliveries")
+    print(
+        f"  catch-up of {m} messages:               {catch_up / 1000:8.1f} us = {catch_up / live:.2f} x {m} live deliveries"
+    )
 
 
 if __name__ == "__main__":

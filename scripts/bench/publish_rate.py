@@ -19,27 +19,18 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cablebench.procfs import cpu_seconds  # noqa: E402
+from cablebench.server import free_port  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def main() -> None:
@@ -93,14 +84,14 @@ def main() -> None:
                     other[k] += 1
 
         threads = [threading.Thread(target=post, args=(k,), daemon=True) for k in range(args.concurrency)]
-        cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+        cpu0, t0 = cpu_seconds([server.pid]), time.monotonic()
         for t in threads:
             t.start()
         time.sleep(args.seconds)
         stop.set()
         for t in threads:
             t.join(15)
-        elapsed, cpu = time.monotonic() - t0, cpu_seconds(server.pid) - cpu0
+        elapsed, cpu = time.monotonic() - t0, cpu_seconds([server.pid]) - cpu0
         total = sum(accepted)
         print(
             f"{args.broker} broker, batches of {args.batch}, {args.concurrency} connections: "

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,21 +40,12 @@ from typing import Any
 
 import redis
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cablebench.procfs import cpu_seconds  # noqa: E402
+from cablebench.server import free_port  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (every thread), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def health(port: int) -> int:
@@ -165,7 +155,7 @@ def main() -> int:
             pipe = rds.pipeline(transaction=True)  # MULTI/EXEC: the server sees all at once
             for body in bodies:
                 pipe.xadd(key, {"payload": body})
-            cpu0, started = cpu_seconds(proc.pid), time.monotonic()
+            cpu0, started = cpu_seconds([proc.pid]), time.monotonic()
             pipe.execute()  # the entries appear at once when EXEC runs, just before it answers
             t0 = time.monotonic()
             filled = t0 - started
@@ -174,7 +164,7 @@ def main() -> int:
                     raise SystemExit("the server exited")
                 time.sleep(0.005)
             elapsed = time.monotonic() - t0
-            cpu = cpu_seconds(proc.pid) - cpu0
+            cpu = cpu_seconds([proc.pid]) - cpu0
             rate = args.entries / elapsed
             print(
                 f"round {r + 1}: drained in {elapsed:.3f}s (filling took {filled:.3f}s before) -> {rate:,.0f} publications/s; "

@@ -48,43 +48,13 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
 from cablebench import wsframe  # noqa: E402
-from cablebench.procfs import descendants, rss_kb  # noqa: E402
+from cablebench.procfs import descendants, rss_kb, worker_of  # noqa: E402
+from cablebench.server import free_port  # noqa: E402
 
 EXT = "actioncable-v1-ext-json"
 STREAM = "bench-slow"
 IDENTIFIER = json.dumps({"channel": "$pubsub", "stream_name": STREAM}, separators=(",", ":"))
 SUBSCRIBE = wsframe.client_frame(json.dumps({"command": "subscribe", "identifier": IDENTIFIER}).encode())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def worker_of(server_port: int, client_port: int, pids: list[int]) -> int:
-    """The worker holding the server side of the connection from ``client_port`` (0: none).
-
-    ``/proc/net/tcp`` may list tens of thousands of sockets on a shared machine: the line is
-    found by its addresses (local, remote) as bytes, not parsed line by line.
-    """
-    with open("/proc/net/tcp", "rb") as f:
-        table = f.read()
-    at = table.find(b"0100007F:%04X 0100007F:%04X " % (server_port, client_port))
-    inode = table[at : table.find(b"\n", at)].split()[8].decode() if at >= 0 else ""
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return pid
-            except OSError:
-                pass
-    return 0
 
 
 class Sub:
@@ -287,7 +257,9 @@ def redis_cleanup(url: str, prefix: str) -> int:
                 return deleted
 
 
-def start_server(args: argparse.Namespace, prefix: str, log: Any) -> tuple[subprocess.Popen[bytes], int, int, list[int]]:
+def start_server(
+    args: argparse.Namespace, prefix: str, log: Any
+) -> tuple[subprocess.Popen[bytes], int, int, list[int]]:
     port, bport = free_port(), free_port()
     cmd = [
         sys.executable, "-m", "anycable_gevent", "--host=127.0.0.1", f"--port={port}",
@@ -314,7 +286,9 @@ def start_server(args: argparse.Namespace, prefix: str, log: Any) -> tuple[subpr
 Phase = tuple[str, tuple[int, int], int]
 
 
-def phase_with_slow(args: argparse.Namespace, pub: Publisher, port: int, pids: list[int], log: str) -> tuple[Phase, str]:
+def phase_with_slow(
+    args: argparse.Namespace, pub: Publisher, port: int, pids: list[int], log: str
+) -> tuple[Phase, str]:
     """A phase with the two slow clients connected just before it; (the phase, a line on the drops)."""
     stalled = placed(port, pids, pids[0], rcvbuf=4096)
     trickle = placed(port, pids, pids[1])

@@ -1,4 +1,5 @@
-"""CPU time and resident memory of process trees, read from /proc (Linux only)."""
+"""CPU time and resident memory of process trees, and which process holds a connection,
+read from /proc (Linux only)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,28 @@ def raise_nofile() -> tuple[int, int]:
         except (ValueError, OSError):
             pass
     return soft, hard
+
+
+def worker_of(server_port: int, client_port: int, pids: list[int]) -> int:
+    """The worker holding the server side of the connection from ``client_port`` (0: none).
+
+    ``/proc/net/tcp`` may list tens of thousands of sockets on a shared machine: the line is
+    found by its addresses (local, remote) as bytes, not parsed line by line.
+    """
+    with open("/proc/net/tcp", "rb") as f:
+        table = f.read()
+    at = table.find(b"0100007F:%04X 0100007F:%04X " % (server_port, client_port))
+    inode = table[at : table.find(b"\n", at)].split()[8].decode() if at >= 0 else ""
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return pid
+            except OSError:
+                pass
+    return 0
