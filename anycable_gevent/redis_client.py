@@ -86,12 +86,17 @@ class Batcher:
                     for _, done in batch:
                         done.set_exception(exc)
                     continue
+                except BaseException:  # killed in the round trip: nobody must wait for ever
+                    for _, done in batch:
+                        done.set_exception(ConnectionError("the Redis round trip was interrupted"))
+                    raise
                 at = 0
                 for (_, done), n in zip(batch, counts, strict=True):
                     done.set(results[at : at + n])
                     at += n
         finally:
-            self._flusher = None
+            # after a kill, what was queued meanwhile still gets its round trip
+            self._flusher = gevent.spawn(self._flush) if self._queue else None
 
 
 class Keys:

@@ -78,6 +78,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: What a waiting registration is handed when it is to lead the next round trip.
+_LEAD = "lead"
+
 _EPOCH_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 EPOCH_LENGTH = 8
 #: Presence keys expire this long after their last write if no node is left to sweep them.
@@ -322,27 +325,53 @@ class RedisBroker(Broker):
         waiting for anybody else's.
         """
         done: AsyncResult = AsyncResult()
-        self._waiting.append((msgs, done))
+        entry = (msgs, done)
+        self._waiting.append(entry)
         if self._leading:
-            if done.get() is None:
-                return  # registered by the leader's round trip
-        self._leading = True  # this greenlet leads (it was free, or it was handed the lead)
-        try:
-            group, self._waiting = self._waiting, []
-            batch = [m for part, _ in group for m in part]
             try:
-                self._register_now(batch, publish)
-            except BrokerError as exc:
-                for _, w in group:
-                    w.set_exception(exc)
-            else:
-                for _, w in group:
-                    w.set(None)
+                handed = done.get()
+            except BaseException:  # its group failed, or this greenlet is being killed
+                self._withdraw(entry)
+                raise
+            if handed is not _LEAD:
+                return  # registered by the leader's round trip
+        # This greenlet leads: the lead was free, or it was handed over (still held).
+        self._leading = True
+        group, self._waiting = self._waiting, []
+        try:
+            self._register_now([m for part, _ in group for m in part], publish)
+        except BrokerError as exc:
+            for _, w in group:
+                w.set_exception(exc)
+        except BaseException:  # killed in the round trip: nobody must wait for it for ever
+            interrupted = BrokerError(f"redis broker ({self.target}): registration interrupted, outcome unknown")
+            for _, w in group:
+                if not w.ready():
+                    w.set_exception(interrupted)
+            raise
+        else:
+            for _, w in group:
+                w.set(None)
         finally:
-            self._leading = False
-            if self._waiting:
-                self._waiting[0][1].set("lead")
+            self._hand_over()
         done.get()
+
+    def _hand_over(self) -> None:
+        """The leader is done: the first waiter leads next (the lead stays held, so no
+        newcomer starts a round trip beside it), or nobody does."""
+        if self._waiting:
+            self._waiting[0][1].set(_LEAD)
+        else:
+            self._leading = False
+
+    def _withdraw(self, entry: tuple[list[StreamMessage], AsyncResult]) -> None:
+        """A waiter leaves early (killed, or its group failed): if it was handed the lead,
+        pass the lead on; if it is still queued, its messages are not registered."""
+        done = entry[1]
+        handed = done.ready() and done.successful() and done.value is _LEAD
+        self._waiting = [w for w in self._waiting if w is not entry]
+        if handed:
+            self._hand_over()
 
     def _register_now(self, msgs: list[StreamMessage], publish: bool) -> None:
         keys = self.keys
