@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
 
 from cablebench import procfs  # noqa: E402
+from cablebench.procfs import connection_states  # noqa: E402,F401  (re-exported for the tests)
 
 
 def children(pid: int) -> list[int]:

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 import websocket
 from helpers import BASE, EXT, Server, metric, pubsub_id, rss_kb
-from procs import children, wait_children, worker_of
+from procs import children, connection_states, wait_children, worker_of
 from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
 
 #: One entry per server setup (each a list of CLI arguments): the memory broker in one
@@ -68,6 +68,8 @@ STREAM = "live-fuzz-steady"
 #: RSS the server (each worker) may keep after the fuzzers are gone, over its baseline (history and
 #: session snapshots of what the fuzzers did stay for their TTLs; the allocator keeps pages).
 RSS_MARGIN_KB = 32 * 1024
+#: Seconds for the server to release every connection of the fuzzers once they are gone.
+RELEASE_SECONDS = 30.0
 
 PROTOCOLS = [[EXT], [BASE], [], ["garbage"], [EXT, BASE], ["anycable-token.x", EXT]]
 STREAMS = [STREAM, "fz-a", "fz-b", "fz/c", "", "fz-" + "x" * 300, "fz-é💥"]
@@ -475,11 +477,16 @@ def fuzz(make_server: type[Server], args: list[str]) -> None:
     for s in subscribers:
         s.join(15)
 
-    # the fuzzers are gone: only the subscribers are connected again
-    deadline = time.monotonic() + 10
-    while metric(srv, "clients_num") != SUBSCRIBERS and time.monotonic() < deadline:
+    # The fuzzers are gone: only the subscribers are connected again, once the server has
+    # read what the fuzzers' sockets still held and seen them end (a worker's count reaches
+    # the others through its metrics file, rewritten every second).
+    gone_at = time.monotonic()
+    lingering: dict[str, int] = {}
+    while (clients := metric(srv, "clients_num")) != SUBSCRIBERS and time.monotonic() < gone_at + RELEASE_SECONDS:
+        lingering = connection_states(srv.port)
         time.sleep(0.2)
-    clients = metric(srv, "clients_num")
+    released_in = time.monotonic() - gone_at
+    print(f"live fuzz: the fuzzers' connections released in {released_in:.1f} s, last seen lingering: {lingering}")
     time.sleep(2.0)
     workers = children(srv.proc.pid) if len(pids) > 1 else pids
     after = {pid: rss_kb(pid) for pid in pids if pid in workers}
@@ -518,6 +525,6 @@ def fuzz(make_server: type[Server], args: list[str]) -> None:
         offsets = [o for _, o in s.got]
         assert offsets == list(range(offsets[0], offsets[0] + published))
         s.ws.close()
-    assert clients == SUBSCRIBERS
+    assert clients == SUBSCRIBERS, (clients, lingering, connection_states(srv.port))
     for pid in pids:
         assert after[pid] <= baseline[pid] + RSS_MARGIN_KB, (pid, baseline, peak, after)

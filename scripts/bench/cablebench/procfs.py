@@ -120,3 +120,33 @@ def worker_of(server_port: int, client_port: int, pids: list[int]) -> int:
             except OSError:
                 pass
     return 0
+
+
+#: ``/proc/net/tcp`` state codes, by name.
+TCP_STATES = {
+    "01": "ESTABLISHED",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0B": "CLOSING",
+}
+
+
+def connection_states(server_port: int) -> dict[str, int]:
+    """Loopback TCP connections of ``server_port`` by side and state, e.g.
+    ``{"server ESTABLISHED": 4, "server CLOSE_WAIT": 2, "client FIN_WAIT2": 2}``: a server
+    side in CLOSE_WAIT is a connection its client closed and the server has not."""
+    port = b":%04X" % server_port
+    states: dict[str, int] = {}
+    with open("/proc/net/tcp", "rb") as f:
+        next(f)
+        for line in f:
+            fields = line.split(None, 4)
+            local, remote, state = fields[1], fields[2], fields[3].decode()
+            side = "server" if local.endswith(port) else "client" if remote.endswith(port) else ""
+            if side and state in TCP_STATES:
+                key = f"{side} {TCP_STATES[state]}"
+                states[key] = states.get(key, 0) + 1
+    return states
