@@ -145,7 +145,14 @@ class RedisPubSub(PubSub):
                 return False  # Redis is away: nobody gains by waiting (resubscribed on return)
             left = deadline - time.monotonic()
             if left <= 0:
-                log.debug("subscriptions not confirmed in time streams=%d", len(missing))
+                # live messages of these streams may be missed until Redis confirms (the
+                # gap is repaired from the broker), and the caller was kept waiting
+                self._errors.warning(
+                    "redis pubsub did not confirm subscriptions in %gs streams=%d connected=%s",
+                    timeout,
+                    len(missing),
+                    self._conn is not None,
+                )
                 return False
             self._changed.wait(left)
 

@@ -525,6 +525,7 @@ def fuzz(make_server: type[Server], args: list[str]) -> None:
         offsets = [o for _, o in s.got]
         assert offsets == list(range(offsets[0], offsets[0] + published))
         s.ws.close()
-    assert clients == SUBSCRIBERS, (clients, lingering, connection_states(srv.port))
+    warnings = [line for line in output.splitlines() if " WRN " in line]
+    assert clients == SUBSCRIBERS, (clients, lingering, connection_states(srv.port), warnings[-20:])
     for pid in pids:
         assert after[pid] <= baseline[pid] + RSS_MARGIN_KB, (pid, baseline, peak, after)
