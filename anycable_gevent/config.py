@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import configargparse
 
@@ -240,6 +240,27 @@ class Config:
     redis_url: str = _opt(
         "redis://localhost:6379", "pubsub", "Redis URL (redis://, rediss:// or unix://)", env=["REDIS_URL"]
     )
+    redis_sentinels: list[str] = _opt(
+        [],
+        "pubsub",
+        "Redis Sentinel addresses, comma-separated [[user]:password@]host[:port] (port 26379); "
+        "--redis_url then names the master: redis://mymaster (credentials given here are the master's)",
+    )
+    redis_sentinel_discovery_interval: int = _opt(
+        30,
+        "pubsub",
+        "Accepted for anycable-go compatibility (each new connection asks the sentinels for the "
+        "master: nothing to poll)",
+    )
+    redis_tls_verify: bool = _opt(
+        False,
+        "pubsub",
+        "Verify the certificate of a rediss:// server (off by default, as in anycable-go; "
+        "on when --redis_tls_ca_cert_path is given)",
+    )
+    redis_tls_ca_cert_path: str = _opt("", "pubsub", "CA certificate (PEM) that signed the Redis server's")
+    redis_tls_client_cert_path: str = _opt("", "pubsub", "Client certificate (PEM) for mutual TLS with Redis")
+    redis_tls_client_key_path: str = _opt("", "pubsub", "Client private key (PEM) for mutual TLS with Redis")
     redis_prefix: str = _opt("anycable:", "pubsub", "Prefix of every Redis key and channel of this server")
     redis_keepalive_interval: float = _opt(
         15.0,
@@ -661,6 +682,80 @@ def validate(cfg: Config) -> None:
     _validate_runtime(cfg)
 
 
+#: Port of a sentinel given without one.
+SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelSpec:
+    """What ``--redis_sentinels`` says: where the sentinels are, and the credentials given
+    with them (anycable-go reads those as the master's; they are used when ``--redis_url``
+    has none). ``tls``: the entries are ``rediss://``."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+def parse_sentinels(entries: Sequence[str]) -> SentinelSpec | None:
+    """``["[redis[s]://][[user]:password@]host[:port]", ...]`` → a :class:`SentinelSpec`
+    (None when empty); credentials and scheme come from the first entry that has them.
+
+    Raises:
+        ValueError: an entry that is not ``host[:port]``, a bad port, mixed schemes.
+    """
+    nodes: list[tuple[str, int]] = []
+    username = password = None
+    schemes: set[str] = set()
+    for entry in (e.strip() for e in entries):
+        if not entry:
+            continue
+        text = entry if "://" in entry else f"redis://{entry}"
+        try:
+            parts = urlsplit(text)
+            port = parts.port or SENTINEL_PORT
+        except ValueError:
+            raise ValueError(f"invalid sentinel address {safe_url(text)!r} (use host:port)") from None
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.path.strip("/"):
+            raise ValueError(f"invalid sentinel address {safe_url(text)!r} (use host:port)")
+        schemes.add(parts.scheme)
+        if password is None and parts.password is not None:
+            username, password = unquote(parts.username) if parts.username else None, unquote(parts.password)
+        nodes.append((parts.hostname, port))
+    if not nodes:
+        return None
+    if len(schemes) > 1:
+        raise ValueError("mix of redis:// and rediss:// sentinels")
+    return SentinelSpec(tuple(nodes), username, password, schemes == {"rediss"})
+
+
+def _validate_redis_connection(cfg: Config) -> None:
+    """Sentinels and TLS files (checked whatever the backends: a typo fails before anything runs)."""
+    try:
+        parse_sentinels(cfg.redis_sentinels)
+    except ValueError as exc:
+        raise ConfigError(f"--redis_sentinels: {exc}") from None
+    if cfg.redis_sentinels:
+        parts = urlsplit(cfg.redis_url)
+        _check(
+            parts.scheme in ("redis", "rediss") and bool(parts.hostname),
+            f"--redis_url: with --redis_sentinels it names the master, e.g. redis://mymaster, "
+            f"got {safe_url(cfg.redis_url)!r}",
+        )
+    _check(
+        cfg.redis_sentinel_discovery_interval > 0,
+        f"--redis_sentinel_discovery_interval: must be > 0 seconds, got {cfg.redis_sentinel_discovery_interval}",
+    )
+    for name in ("redis_tls_ca_cert_path", "redis_tls_client_cert_path", "redis_tls_client_key_path"):
+        v = getattr(cfg, name)
+        _check(not v or os.path.isfile(v), f"--{name}: file not found: {v}")
+    _check(
+        bool(cfg.redis_tls_client_cert_path) == bool(cfg.redis_tls_client_key_path),
+        "--redis_tls_client_cert_path and --redis_tls_client_key_path must be given together",
+    )
+
+
 def _validate_runtime(cfg: Config) -> None:
     _check(cfg.ping_interval > 0, f"--ping_interval: must be > 0 seconds, got {cfg.ping_interval:g}")
     _check(cfg.pong_timeout >= 0, f"--pong_timeout: must be >= 0, got {cfg.pong_timeout:g}")
@@ -725,6 +820,7 @@ def _validate_backends(cfg: Config) -> None:
     )
 
     _check_url("redis_url", cfg.redis_url, ("redis", "rediss", "unix"), "use redis://, rediss:// or unix://")
+    _validate_redis_connection(cfg)
     if cfg.rpc_host:
         _check_url(
             "rpc_host",
@@ -784,6 +880,18 @@ def warnings(cfg: Config) -> list[str]:
         out.append("the JWT secret is shorter than 32 bytes (RFC 7518 recommends at least 32 for HS256)")
     if cfg.metrics_port and not cfg.metrics_http:
         out.append("--metrics_port has no effect without --metrics_http")
+    uses_redis = (
+        cfg.broker == "redis"
+        or cfg.pubsub_adapter == "redis"
+        or any(a in ("redis", "redisx") for a in cfg.broadcast_adapter)
+    )
+    sentinels = parse_sentinels(cfg.redis_sentinels)
+    tls = cfg.redis_url.startswith("rediss://") or (sentinels is not None and sentinels.tls)
+    if uses_redis and tls and not (cfg.redis_tls_verify or cfg.redis_tls_ca_cert_path):
+        out.append(
+            "TLS to Redis without a certificate check (as anycable-go does by default); "
+            "set --redis_tls_verify or --redis_tls_ca_cert_path"
+        )
     return out
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import gevent
 from gevent.event import AsyncResult
 
-from anycable_gevent.config import Config, safe_url
+from anycable_gevent.config import Config, parse_sentinels, safe_url
 
 log = logging.getLogger("anycable_gevent.redis")
 
@@ -137,34 +137,115 @@ def close_quietly(conn: Any, what: str) -> None:
         log.debug("closing %s failed", what, exc_info=True)
 
 
+def tls_options(cfg: Config) -> dict[str, Any]:
+    """redis-py keyword arguments of a TLS connection (``rediss://``) from the options.
+
+    Like anycable-go, the server's certificate is not checked unless asked for
+    (``--redis_tls_verify``) or a CA is given (``--redis_tls_ca_cert_path``): managed
+    Redis services often present self-signed certificates.
+    """
+    verify = cfg.redis_tls_verify or bool(cfg.redis_tls_ca_cert_path)
+    options: dict[str, Any] = {
+        "ssl_cert_reqs": "required" if verify else "none",
+        "ssl_check_hostname": verify,
+    }
+    if cfg.redis_tls_ca_cert_path:
+        options["ssl_ca_certs"] = cfg.redis_tls_ca_cert_path
+    if cfg.redis_tls_client_cert_path:
+        options["ssl_certfile"] = cfg.redis_tls_client_cert_path
+        options["ssl_keyfile"] = cfg.redis_tls_client_key_path
+    return options
+
+
 class RedisConnector:
     """Redis clients for one worker (constructed pre-fork without I/O; :meth:`start` connects lazily)."""
 
     def __init__(self, cfg: Config) -> None:
         self.url = cfg.redis_url
+        self.sentinels = parse_sentinels(cfg.redis_sentinels)
+        self.tls = tls_options(cfg)
         self.keys = Keys(cfg.redis_prefix)
         self._client: Any = None
+        self._sentinel: Any = None
         #: auto-pipelined commands of every greenlet of the worker (see Batcher)
         self.batcher = Batcher(lambda: self.client)
 
     def describe(self) -> str:
-        return safe_url(self.url)
+        if self.sentinels is None:
+            return safe_url(self.url)
+        nodes = ",".join(f"{host}:{port}" for host, port in self.sentinels.nodes)
+        return f"{safe_url(self.url)} via sentinels {nodes}"
 
     def start(self) -> None:
         import redis
 
-        pool = redis.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=POOL_SIZE,
-            timeout=COMMAND_TIMEOUT,  # waiting for a free connection (a storm), not failing
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            socket_timeout=COMMAND_TIMEOUT,
-            health_check_interval=HEALTH_CHECK_INTERVAL,
-            retry_on_timeout=False,
-            protocol=2,  # RESP2: pub/sub messages are plain replies (RESP3 hands them to push callbacks)
-            client_name=self.client_name(),
-        )
+        common: dict[str, Any] = {
+            "socket_connect_timeout": CONNECT_TIMEOUT,
+            "socket_timeout": COMMAND_TIMEOUT,
+            "health_check_interval": HEALTH_CHECK_INTERVAL,
+            "retry_on_timeout": False,
+            "protocol": 2,  # RESP2: pub/sub messages are plain replies (RESP3 hands them to push callbacks)
+            "client_name": self.client_name(),
+        }
+        if self.sentinels is None:
+            tls = self.tls if self.url.startswith("rediss://") else {}
+            pool = redis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=POOL_SIZE,
+                timeout=COMMAND_TIMEOUT,  # waiting for a free connection (a storm), not failing
+                **common,
+                **tls,
+            )
+        else:
+            pool = self._sentinel_pool(common)
         self._client = redis.Redis(connection_pool=pool)
+
+    def _sentinel_pool(self, common: dict[str, Any]) -> Any:
+        """A blocking pool whose connections ask the sentinels for the master when they
+        connect (and again after a failover: a write to a demoted master fails the
+        command, drops the connection, and the next one finds the new master)."""
+        import redis
+        from redis.connection import parse_url
+        from redis.sentinel import (
+            Sentinel,
+            SentinelConnectionPoolProxy,
+            SentinelManagedConnection,
+            SentinelManagedSSLConnection,
+        )
+
+        spec = self.sentinels
+        assert spec is not None
+        master = parse_url(self.url)  # host = the master's name; credentials, db, TLS
+        tls_master = master.pop("connection_class", None) is redis.SSLConnection
+        name = master.pop("host")
+        master.pop("port", None)
+        if master.get("password") is None and spec.password is not None:
+            master["username"], master["password"] = spec.username, spec.password
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_connect_timeout": CONNECT_TIMEOUT,
+            "socket_timeout": COMMAND_TIMEOUT,
+            "protocol": 2,
+            "client_name": self.client_name("sentinel"),
+        }
+        if spec.tls:
+            sentinel_kwargs.update(ssl=True, **self.tls)
+        self._sentinel = Sentinel(list(spec.nodes), sentinel_kwargs=sentinel_kwargs)
+        pool = redis.BlockingConnectionPool(
+            max_connections=POOL_SIZE,
+            timeout=COMMAND_TIMEOUT,
+            connection_class=SentinelManagedSSLConnection if tls_master else SentinelManagedConnection,
+            **common,
+            **master,
+            **(self.tls if tls_master else {}),
+        )
+        pool.connection_kwargs["connection_pool"] = SentinelConnectionPoolProxy(
+            connection_pool=pool,
+            is_master=True,
+            check_connection=False,
+            service_name=name,
+            sentinel_manager=self._sentinel,
+        )
+        return pool
 
     @staticmethod
     def client_name(role: str = "") -> str:
@@ -190,6 +271,12 @@ class RedisConnector:
         return pool.connection_class(**kwargs)
 
     def shutdown(self) -> None:
+        sentinel, self._sentinel = self._sentinel, None
+        if sentinel is not None:
+            try:
+                sentinel.close()
+            except Exception:
+                log.debug("closing the sentinel clients failed", exc_info=True)
         client, self._client = self._client, None
         if client is not None:
             try:

@@ -215,6 +215,11 @@ ERRORS = [
     ([], {"ANYCABLE_PING_INTERVAL": "often"}, ["--ping_interval"]),
     (["--enforce_jwt"], {}, ["--enforce_jwt"]),
     (["--no_such_option"], {}, ["--no_such_option"]),
+    (["--redis_tls_ca_cert_path=/nonexistent/ca.pem"], {}, ["--redis_tls_ca_cert_path", "file not found"]),
+    (["--redis_tls_client_cert_path={bad_conf}"], {}, ["--redis_tls_client_key_path", "together"]),
+    (["--redis_sentinels=127.0.0.1:notaport"], {}, ["--redis_sentinels", "invalid sentinel address"]),
+    (["--redis_sentinels=127.0.0.1", "--redis_url=unix:///tmp/r.sock"], {}, ["--redis_url", "names the master"]),
+    ([], {"ANYCABLE_REDIS_SENTINELS": "h1,rediss://h2"}, ["--redis_sentinels", "mix of redis:// and rediss://"]),
 ]
 
 

@@ -461,3 +461,37 @@ def test_help_shows_real_defaults() -> None:
     assert "[env var: ANYCABLE_PORT]" in text
     port_help = text[text.index("--port PORT Port") :][:200]
     assert "8080" in port_help
+
+
+# ---------------------------------------------------------------------- Redis connections
+
+
+def test_sentinel_entries_parse_with_default_port_credentials_and_scheme() -> None:
+    spec = config.parse_sentinels(["10.0.0.1", " :p%40ss@10.0.0.2:26380 ", ""])
+    assert spec is not None
+    assert spec.nodes == (("10.0.0.1", 26379), ("10.0.0.2", 26380))
+    assert (spec.username, spec.password, spec.tls) == (None, "p@ss", False)
+    tls = config.parse_sentinels(["rediss://u:pw@h1:1"])
+    assert tls is not None and (tls.username, tls.password, tls.tls) == ("u", "pw", True)
+    assert config.parse_sentinels([]) is None and config.parse_sentinels([" "]) is None
+
+
+@pytest.mark.parametrize("entry", ["h:notaport", "h:99999", "http://h:1", "h:1/2", "redis://:pw@"])
+def test_bad_sentinel_entries_are_refused_without_showing_credentials(entry: str) -> None:
+    with pytest.raises(ValueError, match="invalid sentinel address") as err:
+        config.parse_sentinels([entry])
+    assert "pw" not in str(err.value)
+
+
+def test_redis_tls_is_unverified_unless_asked_or_given_a_ca(tmp_path: Path) -> None:
+    from anycable_gevent.redis_client import tls_options
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    assert tls_options(load([], {})) == {"ssl_cert_reqs": "none", "ssl_check_hostname": False}
+    assert tls_options(load(["--redis_tls_verify"], {}))["ssl_cert_reqs"] == "required"
+    with_ca = tls_options(load([f"--redis_tls_ca_cert_path={ca}"], {}))
+    assert with_ca == {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": str(ca)}
+    cfg = load(["--redis_url=rediss://h:6380", "--broker=redis"], {})
+    assert any("TLS to Redis without a certificate check" in w for w in config.warnings(cfg))
+    assert not any("TLS to Redis" in w for w in config.warnings(load(["--broker=redis"], {})))
