@@ -750,8 +750,9 @@ def _validate_redis_connection(cfg: Config) -> None:
     for name in ("redis_tls_ca_cert_path", "redis_tls_client_cert_path", "redis_tls_client_key_path"):
         v = getattr(cfg, name)
         _check(not v or os.path.isfile(v), f"--{name}: file not found: {v}")
+    pair = [cfg.redis_tls_client_cert_path, cfg.redis_tls_client_key_path]
     _check(
-        bool(cfg.redis_tls_client_cert_path) == bool(cfg.redis_tls_client_key_path),
+        all(pair) or not any(pair),
         "--redis_tls_client_cert_path and --redis_tls_client_key_path must be given together",
     )
 

@@ -572,6 +572,17 @@ def counter(srv: Server, name: str) -> int:
     return int(metric(srv, name))
 
 
+def wait_health(srv: Server, status: int, timeout: float = 15.0) -> str:
+    """Poll ``/health`` until it answers ``status``; returns its body (fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, body = srv.get("/health")
+        if code == status or time.monotonic() > deadline:
+            assert code == status, body
+            return body
+        time.sleep(0.1)
+
+
 def wait_for(cond: Any, timeout: float = 15.0, what: str = "condition") -> None:
     """Poll ``cond()`` until it is true; fails after ``timeout`` seconds naming ``what``."""
     deadline = time.monotonic() + timeout

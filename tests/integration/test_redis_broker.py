@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import ROOT, Client, Server, connected, pubsub_id
+from helpers import ROOT, Client, Server, connected, pubsub_id, wait_health
 from redis_helpers import REDIS_URL, PrivateRedis, delete_prefix
 
 from anycable_gevent.broker.redis import EPOCH_LENGTH
@@ -109,16 +109,6 @@ def test_a_session_restores_after_a_server_restart(prefix: str) -> None:
             assert frames[-1]["type"] == "confirm_history"
         with Client(f"{srv.url}?sid={sid}") as again:  # an old sid restores once
             assert again.expect_welcome().get("restored") is not True
-
-
-def wait_health(srv: Server, status: int, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        code, body = srv.get("/health")
-        if code == status or time.monotonic() > deadline:
-            assert code == status, body
-            return body
-        time.sleep(0.1)
 
 
 def test_redis_down_gives_503_and_unhealthy_then_recovers(prefix: str) -> None:

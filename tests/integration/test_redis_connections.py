@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from helpers import Client, Server, connected, pubsub_id
+from helpers import Client, Server, connected, pubsub_id, wait_health
 from redis_helpers import PrivateRedis, PrivateSentinel, TLSFiles, make_tls_files
 
 
@@ -52,16 +52,6 @@ def unhealthy(srv: Server) -> Iterator[Server]:
         yield srv
     finally:
         srv.stop()
-
-
-def wait_health(srv: Server, status: int, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        code, body = srv.get("/health")
-        if code == status or time.monotonic() > deadline:
-            assert code == status, body
-            return body
-        time.sleep(0.1)
 
 
 @pytest.fixture
