@@ -117,7 +117,7 @@ def test_a_rolling_deploy_of_two_nodes_behind_nginx_loses_nothing_and_costs_no_r
             clients = drill.report()
             after = rpc_counts()
         a2.stop()
-        problems = check_exactly_once(clients, pub.accepted, lambda c: f"chat_{c['stream']}")
+        problems = check_exactly_once(clients, pub.accepted, lambda c: f"chat_{c['stream']}", pub.attempts)
         assert problems == [], problems
         assert pub.total > 100
         assert after == before, f"Connect/Subscribe calls before {before}, after {after}"

@@ -93,7 +93,7 @@ def settle_and_check(drill: Drill, pub: Publisher) -> list[dict]:
     pub.stop()
     time.sleep(3.0)
     clients = drill.report()
-    problems = check_exactly_once(clients, pub.accepted, lambda c: f"chat_{c['stream']}")
+    problems = check_exactly_once(clients, pub.accepted, lambda c: f"chat_{c['stream']}", pub.attempts)
     assert problems == [], problems
     assert pub.total > 50
     return clients
