@@ -235,6 +235,7 @@ class Server:
             gevent.sleep(min(cfg.shutdown_delay, cfg.shutdown_timeout))
         for server in self.servers:
             server.close()  # stop accepting; open connections carry on
+        self._answer_accepted(deadline)
         clients = len(self.graph.node.sessions)
         if self._pulse is not None:
             self._pulse.kill(block=False)
@@ -243,6 +244,16 @@ class Server:
         for server in self.servers:
             server.stop(timeout=max(min(deadline - time.monotonic(), 1.0), 0.0))
         log.info("shutdown complete clients=%d", clients)
+
+
+    def _answer_accepted(self, deadline: float) -> None:
+        """Requests and handshakes accepted before the listeners closed are answered (and
+        the upgrades among them become sessions that the drain then closes properly): a
+        worker that exited now would reset them, e.g. a health check or a publication in
+        the middle of a rolling restart. Bounded by the handshake deadline."""
+        until = min(deadline, time.monotonic() + self.cfg.handshake_timeout + 1.0)
+        while any(server.in_flight for server in self.servers) and time.monotonic() < until:
+            gevent.sleep(0.01)
 
 
 def _rss_bytes() -> int:

@@ -287,11 +287,18 @@ class CableHandler(WebSocketHandler):
     def handle(self) -> None:
         """pywsgi's keep-alive loop, ending with a lingering close after an error answer."""
         linger = False
+        server = self.server
+        served = 0
         try:
             while self.socket is not None:
+                if served:
+                    if server.draining:
+                        break  # a draining worker answers what it accepted, then closes
+                    server.idle.add(self)  # keep-alive: waiting for the next request
                 self.time_start = time.time()
                 self.time_finish = 0
                 result = self.handle_one_request()
+                served += 1
                 if result is None:
                     break
                 if result is True:
@@ -307,6 +314,7 @@ class CableHandler(WebSocketHandler):
         except OSError:
             pass
         finally:
+            server.idle.discard(self)
             sock = self.socket
             if sock is not None:
                 if linger or (self.close_connection and self.status != "408"):
@@ -334,6 +342,7 @@ class CableHandler(WebSocketHandler):
             self._timer = None
 
     def read_request(self, raw_requestline: str) -> Any:
+        self.server.idle.discard(self)  # a request is in: the connection is busy again
         try:
             return super().read_request(raw_requestline)
         finally:
@@ -522,6 +531,29 @@ class CableServer(WSGIServer):
         self._paused: Any = None
         self._emfile = Throttle(log, 10.0)
         self._handshakes = 0
+        #: set by :meth:`close`: requests already accepted are answered, keep-alive ends
+        self.draining = False
+        #: handlers of keep-alive connections waiting for their next request
+        self.idle: set[CableHandler] = set()
+
+    @property
+    def in_flight(self) -> int:
+        """Accepted connections not yet upgraded nor finished: requests and handshakes that
+        a worker about to exit still owes an answer (exiting would reset them)."""
+        return self._handshakes
+
+    def close(self) -> None:
+        """Stop accepting; keep-alive connections waiting for a next request are ended (the
+        one being answered gets its answer first)."""
+        self.draining = True
+        super().close()
+        for handler in list(self.idle):
+            sock = handler.socket
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RD)  # its read of the next request line ends
+                except OSError:
+                    pass
 
     def full(self) -> bool:
         """As many handshakes as ``handshake_concurrency`` are under way: stop accepting.
