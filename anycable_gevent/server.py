@@ -245,7 +245,6 @@ class Server:
             server.stop(timeout=max(min(deadline - time.monotonic(), 1.0), 0.0))
         log.info("shutdown complete clients=%d", clients)
 
-
     def _answer_accepted(self, deadline: float) -> None:
         """Requests and handshakes accepted before the listeners closed are answered (and
         the upgrades among them become sessions that the drain then closes properly): a
