@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from helpers import ROOT, Server
+from helpers import ROOT, Server, wait_for
 
 from anycable_gevent import cli, config
 from anycable_gevent.errors import EXIT_BOOT
@@ -130,8 +130,9 @@ def test_cluster_sample_starts_two_workers_on_the_redis_broker(make_server: type
         s.start()
         assert s.proc is not None
         assert len(wait_children(s.proc.pid, 2)) == 2
-        out = s.output()
-        assert "broker: redis" in out
+        # the first worker announces the components once they run (/health may have been
+        # answered by the other one already)
+        wait_for(lambda: "broker: redis" in s.output(), what="the broker's announcement")
         assert s.get("/metrics")[0] == 200
     finally:
         delete_prefix(REDIS_URL, prefix)
