@@ -400,6 +400,25 @@ class Config:
         return HistoryPolicy.parse(self.history_overrides, HistorySettings(self.history_limit, self.history_ttl))
 
     @property
+    def uses_redis(self) -> bool:
+        """Some backend of this configuration talks to Redis (``--redis_url``)."""
+        return (
+            broker_backends.BACKENDS[self.broker].redis
+            or pubsub_backends.BACKENDS[self.pubsub_adapter].redis
+            or any(broadcast_backends.BACKENDS[a].redis for a in self.broadcast_adapter)
+        )
+
+    @property
+    def redis_sentinel_spec(self) -> SentinelSpec | None:
+        """``--redis_sentinels`` parsed (None without sentinels); validated by :func:`load`."""
+        return parse_sentinels(self.redis_sentinels)
+
+    @property
+    def redis_tls_verified(self) -> bool:
+        """The Redis server's certificate is checked (asked for, or a CA is given)."""
+        return self.redis_tls_verify or bool(self.redis_tls_ca_cert_path)
+
+    @property
     def rpc_enabled(self) -> bool:
         return bool(self.rpc_host) and not self.norpc and self.rpc_impl != "none"
 
@@ -881,14 +900,9 @@ def warnings(cfg: Config) -> list[str]:
         out.append("the JWT secret is shorter than 32 bytes (RFC 7518 recommends at least 32 for HS256)")
     if cfg.metrics_port and not cfg.metrics_http:
         out.append("--metrics_port has no effect without --metrics_http")
-    uses_redis = (
-        cfg.broker == "redis"
-        or cfg.pubsub_adapter == "redis"
-        or any(a in ("redis", "redisx") for a in cfg.broadcast_adapter)
-    )
-    sentinels = parse_sentinels(cfg.redis_sentinels)
+    sentinels = cfg.redis_sentinel_spec
     tls = cfg.redis_url.startswith("rediss://") or (sentinels is not None and sentinels.tls)
-    if uses_redis and tls and not (cfg.redis_tls_verify or cfg.redis_tls_ca_cert_path):
+    if cfg.uses_redis and tls and not cfg.redis_tls_verified:
         out.append(
             "TLS to Redis without a certificate check (as anycable-go does by default); "
             "set --redis_tls_verify or --redis_tls_ca_cert_path"

@@ -86,12 +86,7 @@ class Graph:
 
 def build(cfg: Config, ports: dict[int, Listen], metrics: Metrics) -> Graph:
     """Every component of one worker, wired but not started."""
-    needs_redis = (
-        broker.BACKENDS[cfg.broker].redis
-        or pubsub.BACKENDS[cfg.pubsub_adapter].redis
-        or any(broadcast.BACKENDS[a].redis for a in cfg.broadcast_adapter)
-    )
-    redis = RedisConnector(cfg) if needs_redis else None
+    redis = RedisConnector(cfg) if cfg.uses_redis else None
     hub = Hub()
     the_pubsub: PubSub = load(pubsub.BACKENDS[cfg.pubsub_adapter]).from_config(cfg, metrics, redis)  # type: ignore[attr-defined]
     the_broker: Broker = load(broker.BACKENDS[cfg.broker]).from_config(cfg, metrics, redis)  # type: ignore[attr-defined]

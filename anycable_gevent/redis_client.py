@@ -31,7 +31,7 @@ from typing import Any
 import gevent
 from gevent.event import AsyncResult
 
-from anycable_gevent.config import Config, parse_sentinels, safe_url
+from anycable_gevent.config import Config, safe_url
 
 log = logging.getLogger("anycable_gevent.redis")
 
@@ -144,7 +144,7 @@ def tls_options(cfg: Config) -> dict[str, Any]:
     (``--redis_tls_verify``) or a CA is given (``--redis_tls_ca_cert_path``): managed
     Redis services often present self-signed certificates.
     """
-    verify = cfg.redis_tls_verify or bool(cfg.redis_tls_ca_cert_path)
+    verify = cfg.redis_tls_verified
     options: dict[str, Any] = {
         "ssl_cert_reqs": "required" if verify else "none",
         "ssl_check_hostname": verify,
@@ -162,7 +162,7 @@ class RedisConnector:
 
     def __init__(self, cfg: Config) -> None:
         self.url = cfg.redis_url
-        self.sentinels = parse_sentinels(cfg.redis_sentinels)
+        self.sentinels = cfg.redis_sentinel_spec
         self.tls = tls_options(cfg)
         self.keys = Keys(cfg.redis_prefix)
         self._client: Any = None
@@ -221,12 +221,8 @@ class RedisConnector:
         master.pop("port", None)
         if master.get("password") is None and spec.password is not None:
             master["username"], master["password"] = spec.username, spec.password
-        sentinel_kwargs: dict[str, Any] = {
-            "socket_connect_timeout": CONNECT_TIMEOUT,
-            "socket_timeout": COMMAND_TIMEOUT,
-            "protocol": 2,
-            "client_name": self.client_name("sentinel"),
-        }
+        sentinel_kwargs = {k: common[k] for k in ("socket_connect_timeout", "socket_timeout", "protocol")}
+        sentinel_kwargs["client_name"] = self.client_name("sentinel")
         if spec.tls:
             sentinel_kwargs.update(ssl=True, **self.tls)
         self._sentinel = Sentinel(list(spec.nodes), sentinel_kwargs=sentinel_kwargs)

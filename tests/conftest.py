@@ -40,3 +40,13 @@ def make_server() -> Iterator[type[Server]]:
     yield Factory
     for srv in started:
         srv.__exit__(None, None, None)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A Redis key prefix of the test's own on the shared Redis, deleted afterwards."""
+    from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
+
+    p = unique_prefix()
+    yield p
+    delete_prefix(REDIS_URL, p)

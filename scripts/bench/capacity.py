@@ -91,6 +91,8 @@ class Loadgen:
         self.in_flight = 0
         self.errors: Counter[str] = Counter()
         self.finished = 0
+        #: the clients to restore: those subscribed when armed (set then)
+        self.target = 0
         self.first_drop = 0.0
 
     # -- what connections that are done (subscribed or restored) receive, scanned raw
@@ -134,6 +136,7 @@ class Loadgen:
             self.note_positions()
         elif cmd == "arm":
             self.armed = True
+            self.target = sum(c.stage == "done" for c in self.conns)
             self.deadline = time.monotonic() + self.args.restore_timeout
             self.pipe.send("armed")
         elif cmd == "quit":
@@ -151,6 +154,8 @@ class Loadgen:
                 self.clients.open(todo.pop(), False)
                 in_flight += 1
             for c in self.clients.poll(0.2):
+                if c.stage == "dropped":  # was done, counted then
+                    continue
                 in_flight -= 1
                 left -= 1
                 if c.stage != "done":
@@ -166,7 +171,7 @@ class Loadgen:
                 self.changed(c)
             if self.armed:
                 self.start_attempts()
-                if self.finished == len(self.conns) or time.monotonic() > self.deadline:
+                if self.finished == self.target or time.monotonic() > self.deadline:
                     self.report_restore()
                     self.armed = False
 
@@ -209,7 +214,7 @@ class Loadgen:
                 "restored",
                 [c.done_at for c in done],
                 sum(c.restored for c in done),
-                len(self.conns) - len(done),
+                self.target - len(done),
                 sum(c.attempts - 1 for c in self.conns),  # attempts after the first connect
                 dict(self.errors),
                 self.first_drop,
@@ -251,7 +256,7 @@ class Run:
         ]
         if a.pubsub:
             parts.append(f"--pubsub={a.pubsub}")
-        if a.broker == "redis" or a.pubsub == "redis" or a.workers > 1:
+        if a.uses_redis:
             parts.append(f"--redis_url={shlex.quote(a.redis_url)} --redis_prefix={shlex.quote(a.redis_prefix)}")
         if a.reuseport:
             parts.append("--reuseport")
@@ -513,7 +518,7 @@ def tcp_counters() -> dict[str, int]:
 
 
 def redis_figures(a: argparse.Namespace) -> dict[str, Any] | None:
-    if a.broker != "redis":
+    if not a.count_redis_keys:
         return None
     import redis
 
@@ -609,6 +614,9 @@ def main() -> None:
     fresh_prefix = not a.redis_prefix
     external = bool(a.url)  # (start_server sets a.url)
     a.redis_prefix = a.redis_prefix or f"capacity-{uuid.uuid4().hex[:8]}:"
+    a.uses_redis = a.broker == "redis" or a.pubsub == "redis" or a.workers > 1
+    # an external server's keys are only counted under the prefix it was given
+    a.count_redis_keys = a.broker == "redis" and not (external and fresh_prefix)
     soft, _ = raise_nofile()
     if soft < a.clients // a.procs + 100:
         p.error(f"open files limit {soft} is too low for {a.clients // a.procs} clients per process: raise --procs")
@@ -621,7 +629,7 @@ def main() -> None:
         figures = run.run()
     finally:
         run.close()
-        if not external and fresh_prefix and (a.broker == "redis" or a.workers > 1 or a.pubsub == "redis"):
+        if not external and fresh_prefix and a.uses_redis:
             redis_cleanup(a)
     figures["config"] = {
         "clients": a.clients,
@@ -633,7 +641,7 @@ def main() -> None:
         "connect_concurrency": a.connect_concurrency,
         "restore_concurrency": a.restore_concurrency,
         "ping_interval": a.ping_interval,
-        "redis_prefix": a.redis_prefix if a.broker == "redis" or a.workers > 1 or a.pubsub == "redis" else None,
+        "redis_prefix": a.redis_prefix if a.uses_redis else None,
         "redis_prefix_removed": not external and fresh_prefix,
         "server_cpus": a.server_cpus,
         "loadgen_cpus": a.loadgen_cpus,

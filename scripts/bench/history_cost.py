@@ -29,13 +29,10 @@ import tempfile
 import time
 import urllib.request
 
+from cablebench.server import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_ns(pid: int) -> int:

@@ -52,7 +52,8 @@ def worker(n: int, offset: int, args: argparse.Namespace, pipe: Any) -> None:
     t0 = pipe.recv()
     run_phase(conns, host, port, path, True, args.timeout)
     done = [c.done_at - t0 for c in conns if c.stage == "done"]
-    pipe.send(("restored", len(done), sum(c.restored for c in conns), max(done, default=0.0)))
+    restored = sum(c.restored for c in conns if c.stage == "done")  # restored and history answered
+    pipe.send(("restored", len(done), restored, max(done, default=0.0)))
 
 
 def main() -> None:

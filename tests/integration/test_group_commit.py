@@ -72,27 +72,32 @@ DRIVER = textwrap.dedent(
     broker._register_now = counted
 
     done, failed = [], []
+    started, ended = set(), set()
 
     def publish(i):
+        started.add(i)
         msg = StreamMessage("group-commit", json.dumps(i))
         try:
             broker.publish([msg])
         except BrokerError as exc:
-            failed.append(str(exc))
+            failed.append((i, str(exc)))
             return
+        finally:
+            ended.add(i)
         done.append((i, msg.offset))
 
     # publishers keep arriving while groups go through (newcomers meet hand-overs), and
     # some of those already waiting or leading are killed on the way
     greenlets = []
-    killed = 0
+    killed = []  # indices killed, and whether they were inside publish() then
     for i in range(publishers):
         greenlets.append(gevent.spawn(publish, i))
         if i % 4 == 3:
             gevent.sleep(0.0005)
-        if kills and i % (publishers // kills) == publishers // kills - 1 and killed < kills:
-            greenlets[i - 2].kill(block=False)
-            killed += 1
+        if kills and i % (publishers // kills) == publishers // kills - 1 and len(killed) < kills:
+            victim = i - 2
+            killed.append((victim, victim in started and victim not in ended))
+            greenlets[victim].kill(block=False)
     finished = gevent.joinall(greenlets, timeout=20)
     stuck = publishers - len(finished)
     # after the kills, the broker still registers (nobody holds the lead for ever)
@@ -101,7 +106,7 @@ DRIVER = textwrap.dedent(
     top = redis.Redis.from_url(url).hget(f"{prefix}{{group-commit}}:m", "s")
     print(json.dumps({
         "done": done, "failed": failed, "stuck": stuck, "most_in_flight": most, "rounds": rounds,
-        "late": late.offset, "late_ok": late_ok, "top": int(top or 0),
+        "late": late.offset, "late_ok": late_ok, "top": int(top or 0), "killed": killed,
     }))
     """
 )
@@ -138,11 +143,15 @@ def test_one_registration_round_trip_at_a_time_and_nobody_waits_for_ever(kills: 
         assert offsets == list(range(1, publishers + 1))
         assert r["late"] == publishers + 1 == r["top"]
     else:
-        # A publisher killed while it waited or led may or may not be registered (its
-        # round trip can be in flight); a survivor whose group was interrupted is told so.
-        assert all("interrupted" in f for f in r["failed"]), r["failed"][:3]
-        assert len(r["done"]) + len(r["failed"]) <= publishers
-        assert len(r["done"]) >= publishers - kills - len(r["failed"])
+        # The kills caught publishers inside publish() (waiting or leading). A killed one
+        # may or may not be registered (its round trip can be in flight); every other one
+        # returned: registered, or told that its group was interrupted.
+        assert any(inside for _, inside in r["killed"]), r["killed"]
+        killed = {i for i, _ in r["killed"]}
+        answered = [i for i, _ in r["done"]] + [i for i, _ in r["failed"]]
+        assert len(answered) == len(set(answered))
+        assert set(range(publishers)) - killed <= set(answered), sorted(set(range(publishers)) - set(answered))
+        assert all("interrupted" in f for _, f in r["failed"]), r["failed"][:3]
         assert r["late"] == r["top"] and r["top"] >= max(offsets)
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
-from helpers import Client, Server, connected, counter, pubsub_id
+from helpers import Client, Server, connected, counter, pubsub_id, wait_for
 from redis_helpers import REDIS_URL, PrivateRedis
 from tcp_proxy import Proxy
 
@@ -42,14 +42,6 @@ def publication(stream: str, data: Any, **meta: Any) -> str:
     if meta:
         body["meta"] = meta
     return json.dumps(body)
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met within {timeout:g}s")
-        time.sleep(0.05)
 
 
 def health(srv: Server) -> tuple[int, str]:
@@ -194,11 +186,11 @@ def test_legacy_listener_resubscribes_after_a_redis_restart(
     with connected(srv) as c:
         c.subscribe(pubsub_id(stream))
         private_redis.stop()
-        eventually(lambda: health(srv)[0] == 503, what="/health reports the lost connection")
+        wait_for(lambda: health(srv)[0] == 503, what="/health reports the lost connection")
         status, body = health(srv)
         assert "redis broadcaster" in body and "retrying" in body, body
         private_redis.start()
-        eventually(lambda: health(srv)[0] == 200, timeout=15, what="the listener subscribed again")
+        wait_for(lambda: health(srv)[0] == 200, timeout=15, what="the listener subscribed again")
         client = redis.Redis.from_url(private_redis.url)
         try:
             assert client.publish("__anycable__", publication(stream, "back")) == 1
@@ -222,7 +214,7 @@ def test_legacy_listener_remakes_a_deaf_connection(make_server: type[Server]) ->
         with connected(srv) as c:
             c.subscribe(pubsub_id(stream))
             assert proxy.deafen() == 1  # open, but nothing Redis sends reaches the listener
-            eventually(lambda: counter(srv, "broadcast_redis_reconnects_total") == 1, what="a new connection")
+            wait_for(lambda: counter(srv, "broadcast_redis_reconnects_total") == 1, what="a new connection")
             rds = redis.Redis.from_url(REDIS_URL)
             try:
                 # the deaf connection is still subscribed at Redis until the proxy closes it
@@ -268,7 +260,7 @@ def test_redisx_poison_entries_are_dropped_and_the_next_entry_arrives(srv: Serve
         rds.xadd(key, {"payload": publication(stream, "after the poison")})
         frame = c.recv()
         assert (frame["message"], frame["offset"]) == ("after the poison", 1)
-    eventually(lambda: stream_state(rds, key) == (0, 0), what="poison entries acknowledged and deleted")
+    wait_for(lambda: stream_state(rds, key) == (0, 0), what="poison entries acknowledged and deleted")
     assert counter(srv, "failed_broadcast_msg_total") == before + 3
 
 
@@ -291,7 +283,7 @@ def test_redisx_batch_and_remote_disconnect(srv: Server, rds: redis.Redis) -> No
         code, closing = target.closed()
         assert closing == [{"type": "disconnect", "reason": "remote", "reconnect": False}]
         assert code == 1000
-    eventually(lambda: stream_state(rds, key) == (0, 0), what="entries acknowledged and deleted")
+    wait_for(lambda: stream_state(rds, key) == (0, 0), what="entries acknowledged and deleted")
 
 
 def test_all_three_adapters_at_once(srv: Server, rds: redis.Redis) -> None:
@@ -318,7 +310,7 @@ def test_redisx_entries_written_before_the_server_started_are_delivered(
         rds.xadd(key, {"payload": publication(stream, n)})  # no group, no server yet
     srv = make_server(*SINGLE, "--broadcast_adapter=redisx", f"--redisx_stream={key}", f"--redis_url={REDIS_URL}")
     srv.start()
-    eventually(lambda: stream_state(rds, key) == (0, 0), what="entries consumed")
+    wait_for(lambda: stream_state(rds, key) == (0, 0), what="entries consumed")
     # registered in the broker's history, in order
     c = subscribed(srv, stream, since=since)
     try:
@@ -385,7 +377,7 @@ def test_redisx_entries_pending_at_a_dead_consumer_are_claimed(
     finally:
         c.close()
     assert time.monotonic() - read_at >= 1.9  # taken over only once idle for 2 s (Redis's clock)
-    eventually(lambda: stream_state(rds, key) == (0, 0), what="claimed entries acknowledged")
+    wait_for(lambda: stream_state(rds, key) == (0, 0), what="claimed entries acknowledged")
     assert counter(srv, "redisx_claimed_total") == 3
     dead = [i for i in rds.xinfo_consumers(key, GROUP) if i["name"] == b"dead-consumer"]
     assert dead and dead[0]["pending"] == 0
@@ -396,12 +388,12 @@ def test_redisx_server_starts_while_redis_is_down_and_recovers(
 ) -> None:
     srv = make_server(*SINGLE, "--broadcast_adapter=redisx", f"--redis_url={private_redis.url}")
     srv.start(healthy=False)
-    eventually(lambda: "Connection refused" in health(srv)[1], what="/health names the problem")
+    wait_for(lambda: "Connection refused" in health(srv)[1], what="/health names the problem")
     status, body = health(srv)
     assert status == 503 and "redisx broadcaster" in body and "retrying" in body, body
-    eventually(lambda: "redisx: Redis unavailable, retrying" in srv.output(), what="the log says so")
+    wait_for(lambda: "redisx: Redis unavailable, retrying" in srv.output(), what="the log says so")
     private_redis.start()
-    eventually(lambda: health(srv)[0] == 200, timeout=15, what="redisx connected")
+    wait_for(lambda: health(srv)[0] == 200, timeout=15, what="redisx connected")
     stream = unique("x-late")
     c = subscribed(srv, stream)
     client = redis.Redis.from_url(private_redis.url)
@@ -409,7 +401,7 @@ def test_redisx_server_starts_while_redis_is_down_and_recovers(
         client.xadd("__anycable__", {"payload": publication(stream, "late")})
         frame = c.recv()
         assert (frame["message"], frame["offset"]) == ("late", 1)
-        eventually(lambda: client.xlen("__anycable__") == 0, what="entry deleted")
+        wait_for(lambda: client.xlen("__anycable__") == 0, what="entry deleted")
     finally:
         c.close()
         client.close()
@@ -445,5 +437,5 @@ def test_redisx_recreates_its_group_when_the_stream_is_deleted(
         assert (frame["message"], frame["offset"]) == ("after the delete", 1)
     finally:
         c.close()
-    eventually(lambda: stream_state(rds, key) == (0, 0), what="entry acknowledged and deleted")
+    wait_for(lambda: stream_state(rds, key) == (0, 0), what="entry acknowledged and deleted")
     assert "reading the stream failed, retrying" in srv.output()

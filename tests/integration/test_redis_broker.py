@@ -14,23 +14,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import redis
 from helpers import ROOT, Client, Server, connected, pubsub_id, wait_health
-from redis_helpers import REDIS_URL, PrivateRedis, delete_prefix
+from redis_helpers import REDIS_URL, PrivateRedis
 
 from anycable_gevent.broker.redis import EPOCH_LENGTH
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    p = f"test:{uuid.uuid4().hex}:"
-    yield p
-    delete_prefix(REDIS_URL, p)
 
 
 def redis_server(prefix: str, url: str = REDIS_URL) -> Server:

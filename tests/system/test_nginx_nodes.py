@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Iterator
 
 import pytest
 from drills import Drill, Publisher, check_exactly_once
 from helpers import Server, counter, wait_for
 from nginx_helpers import Nginx, nginx_binary, render_site, upstream_of
-from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
+from redis_helpers import REDIS_URL
 from rpc_backend import JSBackend
 
 SECRET = "nodes-secret-0123456789abcdef-0123456789"
@@ -48,13 +47,6 @@ def node(prefix: str, rpc_host: str, port: int | None = None, broadcast_port: in
     if port is not None:
         srv.port = port
     return srv
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    p = unique_prefix()
-    yield p
-    delete_prefix(REDIS_URL, p)
 
 
 def test_a_rolling_deploy_of_two_nodes_behind_nginx_loses_nothing_and_costs_no_rpc(
@@ -115,6 +107,7 @@ def test_a_rolling_deploy_of_two_nodes_behind_nginx_loses_nothing_and_costs_no_r
             pub.stop()
             time.sleep(2.0)
             clients = drill.report()
+            assert len(clients) == CLIENTS
             after = rpc_counts()
         a2.stop()
         problems = check_exactly_once(clients, pub.accepted, lambda c: f"chat_{c['stream']}", pub.attempts)

@@ -32,13 +32,12 @@ import re
 import selectors
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from helpers import EXT, RawWS, Server, metric, pubsub_id, rss_kb
 from procs import wait_children, worker_of
-from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
+from redis_helpers import REDIS_URL
 
 from anycable_gevent.log import conn_ref
 
@@ -304,13 +303,6 @@ def wait_metric(srv: Server, name: str, value: float, timeout: float = 10.0) -> 
     while (got := metric(srv, name)) != value and time.monotonic() < deadline:
         time.sleep(0.2)
     return got
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    p = unique_prefix()
-    yield p
-    delete_prefix(REDIS_URL, p)
 
 
 # ---------------------------------------------------------------------- the test

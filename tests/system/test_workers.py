@@ -15,13 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import EXT, ROOT, Server, close_of, connected, free_port, metric, pubsub_id, wait_for
 from procs import children, sockets, wait_children
-from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
+from redis_helpers import REDIS_URL
 
 #: Rolling restarts in the HUP test (a reset used to happen in about every other one).
 ROLLS = 5
@@ -50,13 +49,6 @@ def start(srv: Server, workers: int = 2) -> list[int]:
     kids = wait_children(srv.proc.pid, workers)
     wait_for(lambda: serving(srv) >= workers, what="every worker to serve")
     return kids
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    p = unique_prefix()
-    yield p
-    delete_prefix(REDIS_URL, p)
 
 
 def test_the_master_forks_two_workers_that_share_broadcasts(make_server: type[Server], prefix: str) -> None:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 
 import docutils.core
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT
 
 
 def test_readme_renders_without_warnings() -> None:

@@ -256,9 +256,10 @@ def run_phase(conns: list[Conn], host: str, port: int, path: str, restore: bool,
     clients = Clients(host, port, path)
     for c in conns:
         clients.open(c, restore)
-    left = sum(c.stage not in ("done", "failed") for c in conns)
     deadline = time.monotonic() + timeout
-    while left and time.monotonic() < deadline:
-        left -= len(clients.poll(0.5))
+    # derived from the stages each round (a connection can change more than once, or fail
+    # already in open(): counting the changes would count some twice)
+    while time.monotonic() < deadline and any(c.stage not in ("done", "failed", "dropped") for c in conns):
+        clients.poll(0.5)
     clients.ep.close()
     return time.monotonic()
